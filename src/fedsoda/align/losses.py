@@ -1,0 +1,26 @@
+"""Distillation losses of orchestrated distillation alignment (FedSODA equations 5-8)."""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+
+def masked_mse(teacher: torch.Tensor, student: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over real tokens and hidden units: ``[B, T, H]`` with mask ``[B, T]``."""
+    weights = mask.to(torch.float32)
+    per_token = (teacher.float() - student.float()).pow(2).mean(dim=-1)
+    return (per_token * weights).sum() / weights.sum()
+
+
+def kl_divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """``KL(p_teacher || p_student)`` over the last dim, averaged over the rows (real tokens)."""
+    teacher_log = F.log_softmax(teacher_logits.float(), dim=-1)
+    student_log = F.log_softmax(student_logits.float(), dim=-1)
+    return (teacher_log.exp() * (teacher_log - student_log)).sum(dim=-1).mean()
+
+
+def alignment_loss(inter: torch.Tensor, final: torch.Tensor, kl: torch.Tensor,
+                   alpha: float, beta: float) -> torch.Tensor:
+    """``alpha * (L_inter + L_final) + beta * L_KL``."""
+    return alpha * (inter + final) + beta * kl

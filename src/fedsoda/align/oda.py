@@ -1,0 +1,192 @@
+"""Orchestrated distillation alignment: keep the sub-LLM faithful to the full LLM.
+
+Teacher: the full LLM with the current global adapter LoRA. Student: the NF4 sub-LLM with the
+same adapter LoRA; only the emulator LoRA (on the kept window starts ``s_i``) is trained.
+
+The teacher's emulator (layers ``0..L_E-1``) is frozen and does not depend on the adapter
+LoRA, so its activations are computed once per public batch and cached. Only the teacher's
+adapter layers and LM head run again at each step, starting from the cached emulator output.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fedsoda.align.losses import alignment_loss, kl_divergence, masked_mse
+from fedsoda.models import unwrap
+from fedsoda.surgery.lora import set_trainable
+from fedsoda.surgery.plan import PruningPlan
+from fedsoda.surgery.similarity import capture_layer_outputs
+from fedsoda.surgery.subllm import keep_layers
+
+
+@dataclass(frozen=True)
+class AlignSettings:
+    """Knobs that decide alignment quality (DESIGN section 2, "ODA")."""
+
+    samples: int = 256  # public WikiText-2 validation paragraphs for pre-alignment
+    heldout: int = 64  # WikiText-2 test paragraphs on which before/after are measured
+    seq_len: int = 128
+    batch_size: int = 8
+    epochs: int = 1  # E_p, pre-alignment epochs
+    realign_epochs: int = 1  # E_r
+    realign_samples: int = 64  # random public subset used by each realignment
+    lr: float = 1e-3
+    alpha: float = 1.0  # weight of the representation losses (L_inter + L_final)
+    beta: float = 1.0  # weight of KL(full || sub)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if min(self.samples, self.heldout, self.batch_size, self.seq_len) < 1:
+            raise ValueError("alignment samples, heldout, batch_size and seq_len must be >= 1")
+        if self.epochs < 0 or self.realign_epochs < 0 or self.lr <= 0:
+            raise ValueError("alignment epochs must be >= 0 and lr > 0")
+        if self.alpha < 0 or self.beta < 0 or self.alpha + self.beta == 0:
+            raise ValueError("alpha and beta must be >= 0 and not both 0")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Which layer outputs are compared: teacher (full) index -> student (sub) index."""
+
+    pairs: tuple[tuple[int, int], ...]  # (t_i + n, s_i) for each pruned window
+    final: tuple[int, int]  # (L_E - 1, L*_E - 1): the emulator outputs
+    full_adapter: tuple[int, ...]  # full-model indices of the adapter layers
+    emulator_lora_layers: tuple[int, ...]  # sub-LLM indices s_i
+
+    @classmethod
+    def of(cls, plan: PruningPlan) -> Layout:
+        sub_emulator = plan.sub_num_layers - plan.adapter_layers
+        return cls(
+            pairs=tuple((t + plan.n, s) for t, s in plan.index_map),
+            final=(plan.emulator_layers - 1, sub_emulator - 1),
+            full_adapter=tuple(range(plan.emulator_layers, plan.num_layers)),
+            emulator_lora_layers=tuple(s for _, s in plan.index_map),
+        )
+
+
+@dataclass(frozen=True)
+class TeacherCache:
+    """Public batches with the frozen teacher's emulator activations at the compared layers."""
+
+    batches: tuple[dict, ...]
+    hidden: tuple[dict[int, torch.Tensor], ...]  # per batch: full layer index -> [B, T, H]
+
+
+@torch.no_grad()
+def cache_teacher(teacher: nn.Module, plan: PruningPlan, batches: list[dict]) -> TeacherCache:
+    """Run the frozen teacher once per batch, keeping only the layers alignment compares.
+
+    Only the emulator layers run (the adapter layers are skipped), so the cache does not
+    depend on the adapter LoRA and stays valid across rounds.
+    """
+    layout = Layout.of(plan)
+    wanted = sorted({t for t, _ in layout.pairs} | {layout.final[0]})
+    emulator = keep_layers(teacher, list(range(plan.emulator_layers)), share=True)
+    hidden = []
+    with capture_layer_outputs(emulator, wanted) as out:
+        for batch in batches:
+            emulator.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           use_cache=False)
+            hidden.append({w: out[w].detach().clone() for w in wanted})
+    return TeacherCache(batches=tuple(batches), hidden=tuple(hidden))
+
+
+def _real(mask: torch.Tensor) -> torch.Tensor:
+    return mask.to(torch.bool)
+
+
+def teacher_logits(teacher: nn.Module, plan: PruningPlan, batch: dict,
+                   hidden: dict[int, torch.Tensor]) -> torch.Tensor:
+    """Teacher logits at real tokens, from the cached emulator output through the adapter."""
+    layout = Layout.of(plan)
+    tail = keep_layers(teacher, list(layout.full_adapter), share=True)
+    with torch.no_grad():
+        out = tail.model(inputs_embeds=hidden[layout.final[0]],
+                         attention_mask=batch["attention_mask"], use_cache=False)
+        return tail.lm_head(out.last_hidden_state[_real(batch["attention_mask"])])
+
+
+def student_losses(student: nn.Module, plan: PruningPlan, batch: dict,
+                   hidden: dict[int, torch.Tensor],
+                   target_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``inter``, ``final`` and ``kl`` of the student on one batch (with autograd)."""
+    layout = Layout.of(plan)
+    base = unwrap(student)
+    mask = batch["attention_mask"]
+    wanted = [s for _, s in layout.pairs] + [layout.final[1]]
+    with capture_layer_outputs(student, wanted) as out:
+        result = base.model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False)
+        logits = base.lm_head(result.last_hidden_state[_real(mask)])
+        inter = sum((masked_mse(hidden[t], out[s], mask) for t, s in layout.pairs),
+                    start=torch.zeros(()))
+        final = masked_mse(hidden[layout.final[0]], out[layout.final[1]], mask)
+    return {"inter": inter, "final": final, "kl": kl_divergence(target_logits, logits)}
+
+
+@torch.no_grad()
+def measure(teacher: nn.Module, student: nn.Module, plan: PruningPlan,
+            cache: TeacherCache) -> dict[str, float]:
+    """Mean ``kl`` (full || sub) and ``rep`` (L_inter + L_final) over the cached batches."""
+    totals = {"kl": 0.0, "rep": 0.0}
+    for batch, hidden in zip(cache.batches, cache.hidden, strict=True):
+        parts = student_losses(student, plan, batch, hidden,
+                               teacher_logits(teacher, plan, batch, hidden))
+        totals["kl"] += parts["kl"].item()
+        totals["rep"] += (parts["inter"] + parts["final"]).item()
+    return {key: value / len(cache.batches) for key, value in totals.items()}
+
+
+def align(teacher: nn.Module, student: nn.Module, plan: PruningPlan, cache: TeacherCache,
+          settings: AlignSettings, epochs: int, batch_indices: list[int] | None = None,
+          on_step: Callable[[int, int, dict[str, float]], None] | None = None) -> dict:
+    """Train only the emulator LoRA of ``student`` towards ``teacher`` for ``epochs``.
+
+    Pre-alignment uses every cached batch; realignment passes a random subset of indices.
+    Returns the loss history and the time taken.
+    """
+    layout = Layout.of(plan)
+    params = set_trainable(student, list(layout.emulator_lora_layers))
+    if not params:
+        raise ValueError("the student has no emulator LoRA to train (p = 0?)")
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    indices = list(range(len(cache.batches))) if batch_indices is None else list(batch_indices)
+    rng = random.Random(settings.seed)
+    began, history, step = time.perf_counter(), [], 0
+    student.train()
+    for _ in range(epochs):
+        rng.shuffle(indices)
+        for index in indices:
+            batch, hidden = cache.batches[index], cache.hidden[index]
+            parts = student_losses(student, plan, batch, hidden,
+                                   teacher_logits(teacher, plan, batch, hidden))
+            loss = alignment_loss(parts["inter"], parts["final"], parts["kl"],
+                                  settings.alpha, settings.beta)
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"alignment loss is {loss.item()} at step {step}; "
+                                         "lower the alignment lr or alpha")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            record = {key: value.item() for key, value in parts.items()} | {"loss": loss.item()}
+            history.append(record)
+            if on_step is not None:
+                on_step(step, epochs * len(indices), record)
+    student.eval()
+    set_trainable(student, [])
+    return {"steps": step, "history": history, "seconds": time.perf_counter() - began}
+
+
+def realign_indices(cache: TeacherCache, settings: AlignSettings, round_number: int) -> list[int]:
+    """A random subset of cached batches covering about ``realign_samples`` samples."""
+    count = max(1, min(len(cache.batches), math.ceil(settings.realign_samples / settings.batch_size)))
+    return random.Random(settings.seed * 100_003 + round_number).sample(
+        range(len(cache.batches)), count)

@@ -1,0 +1,1 @@
+"""What each `fedsoda` sub-command does, one module per group of commands."""

@@ -1,0 +1,118 @@
+"""`fedsoda prune` and `fedsoda build`: the server's model preparation, step by step."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from fedsoda.align.oda import AlignSettings, align, cache_teacher, measure
+from fedsoda.data.public import (
+    sample_paragraphs,
+    texts_hash,
+    tokenize_batches,
+    wikitext_paragraphs,
+)
+from fedsoda.models import cache_dir, load, load_config, model_fingerprint
+from fedsoda.surgery.build import make_sub_llm, save_sub_llm
+from fedsoda.surgery.plan import PruneSettings, PruningPlan
+from fedsoda.surgery.plugback import plug_adapter
+from fedsoda.surgery.quantize import dense_bytes
+from fedsoda.surgery.similarity import similarity_plan
+
+
+def _log(message: str) -> None:
+    print(f"[fedsoda] {message}", flush=True)
+
+
+def public_batches(tokenizer, split: str, count: int, settings_seq: int, batch_size: int,
+                   data_dir: str | None, seed: int) -> tuple[list[dict], str]:
+    texts = sample_paragraphs(wikitext_paragraphs(split, data_dir), count, seed)
+    return tokenize_batches(tokenizer, texts, settings_seq, batch_size), texts_hash(texts, settings_seq)
+
+
+def plan_cache_path(model_hash: str, data_hash: str, settings: PruneSettings) -> Path:
+    key = f"{model_hash}-{data_hash}-n{settings.n}-p{settings.p}-a{settings.adapter_layers}-{settings.token}"
+    return cache_dir() / "plans" / f"{key}.json"
+
+
+def prune(model_spec: str, settings: PruneSettings, data_dir: str | None, out: str | None,
+          seed: int = 0, use_cache: bool = True) -> PruningPlan:
+    """Similarity group pruning of ``model_spec``; the plan is cached by content."""
+    began = time.perf_counter()
+    # Validate against the config before paying for the weights.
+    settings.check_model(load_config(model_spec).num_hidden_layers)
+    model, tokenizer = load(model_spec)
+    batches, data_hash = public_batches(tokenizer, "validation", settings.samples,
+                                        settings.seq_len, 8, data_dir, seed)
+    model_hash = model_fingerprint(model)
+    cached = plan_cache_path(model_hash, data_hash, settings)
+    if use_cache and cached.exists():
+        plan = PruningPlan.load(cached)
+        _log(f"plan taken from cache {cached}")
+    else:
+        with torch.inference_mode():
+            plan = similarity_plan(model, batches, settings, model_spec, model_hash, data_hash)
+        plan = dataclasses.replace(plan, seconds=time.perf_counter() - began)
+        plan.save(cached)
+    if out:
+        plan.save(out)
+    _log(f"groups {plan.groups}; sub-LLM keeps {plan.sub_num_layers} of {plan.num_layers} "
+         f"layers; {time.perf_counter() - began:.1f} s")
+    return plan
+
+
+def build(model_spec: str, plan_path: str, data_dir: str | None, out: str,
+          settings: AlignSettings, device: str = "cpu") -> dict:
+    """Build the NF4 sub-LLM with LoRA, pre-align it, and write ``out/`` with ``align.json``."""
+    began = time.perf_counter()
+    plan = PruningPlan.load(plan_path)
+    config = load_config(model_spec)
+    if config.num_hidden_layers != plan.num_layers:
+        raise ValueError(f"plan {plan_path} is for a {plan.num_layers}-layer model but "
+                         f"{model_spec} has {config.num_hidden_layers} layers")
+    full, tokenizer = load(model_spec, device=device)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sub = make_sub_llm(full, plan, out_dir, tokenizer, device=device, seed=settings.seed)
+    teacher = plug_adapter(copy.deepcopy(full), sub.adapter_lora(), plan)
+    train_batches, _ = public_batches(tokenizer, "validation", settings.samples, settings.seq_len,
+                                      settings.batch_size, data_dir, settings.seed)
+    held_batches, _ = public_batches(tokenizer, "test", settings.heldout, settings.seq_len,
+                                     settings.batch_size, data_dir, settings.seed)
+    train_cache = cache_teacher(teacher, plan, train_batches)
+    held_cache = cache_teacher(teacher, plan, held_batches)
+    before = measure(teacher, sub.model, plan, held_cache)
+    _log(f"before alignment: KL {before['kl']:.4f}, rep {before['rep']:.4f}")
+
+    def progress(step: int, total: int, record: dict) -> None:
+        if step == 1 or step % 10 == 0 or step == total:
+            _log(f"align step {step}/{total}: loss {record['loss']:.4f} kl {record['kl']:.4f}")
+
+    result = align(teacher, sub.model, plan, train_cache, settings, settings.epochs,
+                   on_step=progress)
+    after = measure(teacher, sub.model, plan, held_cache)
+    sizes = save_sub_llm(sub, out_dir)
+    report = {
+        "model": model_spec,
+        "kl_before": before["kl"], "kl_after": after["kl"],
+        "rep_before": before["rep"], "rep_after": after["rep"],
+        "kl_reduction": 1 - after["kl"] / before["kl"] if before["kl"] else 0.0,
+        "align_steps": result["steps"], "align_seconds": result["seconds"],
+        "settings": dataclasses.asdict(settings),
+        "heldout": "wikitext2 test",
+        "storage_bytes": sizes["client_model_bytes"],
+        **sizes,
+        "full_model_bf16_bytes": dense_bytes(full, 2),
+        "seconds": time.perf_counter() - began,
+    }
+    report["storage_ratio_vs_full_bf16"] = report["storage_bytes"] / report["full_model_bf16_bytes"]
+    (out_dir / "align.json").write_text(json.dumps(report, indent=2) + "\n")
+    _log(f"after alignment: KL {after['kl']:.4f} ({100 * report['kl_reduction']:.1f}% lower), "
+         f"rep {after['rep']:.4f}; sub-LLM {sizes['client_model_bytes'] / 2**20:.1f} MiB vs full "
+         f"bf16 {report['full_model_bf16_bytes'] / 2**20:.1f} MiB; {report['seconds']:.0f} s")
+    return report

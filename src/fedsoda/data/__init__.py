@@ -1,0 +1,1 @@
+"""Data sets, task formatting and client partitions; never imports flwr."""

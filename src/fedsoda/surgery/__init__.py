@@ -1,0 +1,4 @@
+"""Model surgery: layer similarity, pruning plans, sub-LLMs, NF4, LoRA, plug-back.
+
+Never imports flwr.
+"""

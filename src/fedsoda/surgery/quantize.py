@@ -1,0 +1,81 @@
+"""NF4 quantization of a (sub-)LLM with bitsandbytes, as clients hold and run it (QLoRA).
+
+The stored artifact keeps the linear projections in NF4 with double quantization and every
+other tensor (embeddings, norms) in bf16. At run time the leftovers are loaded in float32 on
+CPU (bf16 on CUDA) while the 4-bit matmuls compute in bf16.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import bitsandbytes as bnb
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+
+def nf4_config() -> BitsAndBytesConfig:
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def keep_cpu_weights_trainable(model: nn.Module) -> nn.Module:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference.
+
+    With bitsandbytes 0.50.2 on a CPU with AVX512-BF16, the first no-grad eval forward
+    repacks the weights into a layout whose kernel has no autograd; backward through them
+    then silently yields no gradient for the LoRA tensors below. Turning the repack off
+    keeps one model instance usable for both evaluation and training.
+    """
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def save_nf4(model: nn.Module, folder: Path | str, tokenizer=None) -> Path:
+    """Quantize a 16/32-bit causal LM to NF4 and save it (the file clients download)."""
+    folder = Path(folder)
+    with tempfile.TemporaryDirectory(prefix="fedsoda-nf4-") as tmp:
+        model.save_pretrained(tmp)
+        quantized = AutoModelForCausalLM.from_pretrained(
+            tmp, quantization_config=nf4_config(), dtype=torch.bfloat16, device_map="cpu")
+        quantized.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
+def load_nf4(folder: Path | str, device: str = "cpu") -> nn.Module:
+    """Load a saved NF4 model for training and inference on ``device``."""
+    folder = Path(folder)
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{folder} holds no saved NF4 model (no config.json)")
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device)
+    return keep_cpu_weights_trainable(model)
+
+
+def quantize_nf4(model: nn.Module, device: str = "cpu") -> nn.Module:
+    """NF4 copy of ``model`` in memory (save and load through a temporary folder)."""
+    with tempfile.TemporaryDirectory(prefix="fedsoda-nf4-") as tmp:
+        save_nf4(model, tmp)
+        return load_nf4(tmp, device)
+
+
+def storage_bytes(folder: Path | str) -> int:
+    """Bytes of the weight files a client must store for a saved model folder."""
+    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+
+
+def dense_bytes(model: nn.Module, bytes_per_param: int = 2) -> int:
+    """Bytes of a model's unique parameters at ``bytes_per_param`` (2 = bf16)."""
+    seen, total = set(), 0
+    for param in model.parameters():
+        if param.data_ptr() not in seen:
+            seen.add(param.data_ptr())
+            total += param.numel() * bytes_per_param
+    return total

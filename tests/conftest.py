@@ -1,0 +1,54 @@
+"""Tiny random models of each supported family, and paths to the shared data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+FAMILY_CONFIGS = {
+    "llama": {},
+    "qwen2": {},
+    "mistral": {"sliding_window": 16},
+    "gemma3_text": {"sliding_window": 8, "head_dim": 16, "query_pre_attn_scalar": 16},
+}
+
+
+def tiny_model(family: str = "llama", layers: int = 10, seed: int = 0, vocab: int = 96):
+    """A randomly initialised causal LM small enough to train in a test (hidden 32)."""
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(
+        family, vocab_size=vocab, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=128, tie_word_embeddings=True, **FAMILY_CONFIGS[family])
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def random_batches(count: int = 2, batch: int = 3, seq: int = 12, vocab: int = 96, seed: int = 1):
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        ids = torch.randint(3, vocab, (batch, seq), generator=generator)
+        mask = torch.ones(batch, seq, dtype=torch.long)
+        mask[0, seq - 4:] = 0  # one right-padded row
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Every test writes caches under a temporary folder unless FEDSODA_CACHE is set."""
+    if not os.environ.get("FEDSODA_TEST_SHARED_CACHE"):
+        monkeypatch.setenv("FEDSODA_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data folder {SHARED_DATA} not present")
+    return SHARED_DATA

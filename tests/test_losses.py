@@ -1,0 +1,34 @@
+"""Alignment losses against hand-computed values."""
+
+import math
+
+import torch
+
+from fedsoda.align.losses import alignment_loss, kl_divergence, masked_mse
+
+
+def test_masked_mse_by_hand():
+    teacher = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [9.0, 9.0]]])
+    student = torch.tensor([[[0.0, 0.0], [3.0, 3.0], [0.0, 0.0]]])
+    mask = torch.tensor([[1, 1, 0]])  # the padded third token must not count
+    # token 0: (1 + 4) / 2 = 2.5; token 1: (0 + 1) / 2 = 0.5; mean over 2 tokens = 1.5
+    assert masked_mse(teacher, student, mask).item() == 1.5
+
+
+def test_kl_by_hand():
+    teacher = torch.tensor([[0.0, 0.0]])  # p = (1/2, 1/2)
+    student = torch.tensor([[0.0, math.log(3.0)]])  # q = (1/4, 3/4)
+    expected = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)  # = 0.5 ln(4/3)
+    assert math.isclose(kl_divergence(teacher, student).item(), expected, rel_tol=1e-6)
+    assert kl_divergence(student, student).item() == 0.0
+
+
+def test_kl_is_mean_over_rows():
+    teacher = torch.tensor([[0.0, 0.0], [0.0, 0.0]])
+    student = torch.tensor([[0.0, math.log(3.0)], [0.0, 0.0]])
+    assert math.isclose(kl_divergence(teacher, student).item(), 0.25 * math.log(4 / 3), rel_tol=1e-6)
+
+
+def test_alignment_loss_weights():
+    loss = alignment_loss(torch.tensor(1.0), torch.tensor(2.0), torch.tensor(4.0), 0.5, 2.0)
+    assert loss.item() == 0.5 * 3.0 + 2.0 * 4.0

@@ -1,0 +1,84 @@
+"""Orchestrated distillation alignment on a tiny model."""
+
+import copy
+
+import pytest
+import torch
+
+from conftest import random_batches, tiny_model
+from fedsoda.align.oda import (
+    AlignSettings,
+    Layout,
+    align,
+    cache_teacher,
+    measure,
+    realign_indices,
+    teacher_logits,
+)
+from fedsoda.surgery.build import make_sub_llm
+from fedsoda.surgery.plan import PruningPlan
+from fedsoda.surgery.plugback import plug_adapter
+
+PLAN = PruningPlan(model="tiny", num_layers=10, adapter_layers=2, n=2, p=2, token="last",
+                   samples=1, groups=[[0, 2], [5, 7]])
+
+
+@pytest.fixture
+def setup(tmp_path):
+    full = tiny_model("llama")
+    sub = make_sub_llm(full, PLAN, tmp_path)
+    adapter = {k: torch.randn_like(v) * 0.05 for k, v in sub.adapter_lora().items()}
+    from fedsoda.surgery.lora import load_lora_state
+    load_lora_state(sub.model, adapter)  # a non-trivial global adapter LoRA
+    teacher = plug_adapter(copy.deepcopy(full), adapter, PLAN)
+    return full, sub, teacher
+
+
+def test_layout_by_hand():
+    layout = Layout.of(PLAN)  # index map [[0, 0], [5, 3]], n = 2, L_E = 8, sub L_E = 4
+    assert layout.pairs == ((2, 0), (7, 3))
+    assert layout.final == (7, 3)
+    assert layout.full_adapter == (8, 9)
+
+
+def test_cache_and_teacher_logits_match_a_plain_forward(setup):
+    _, _, teacher = setup
+    batches = random_batches()
+    cache = cache_teacher(teacher, PLAN, batches)
+    with torch.no_grad():
+        for batch, hidden in zip(batches, cache.hidden, strict=True):
+            out = teacher(**batch, output_hidden_states=True)
+            for layer in (2, 7):  # hidden_states[l + 1] is the output of layer l
+                torch.testing.assert_close(hidden[layer], out.hidden_states[layer + 1])
+            real = batch["attention_mask"].bool()
+            torch.testing.assert_close(teacher_logits(teacher, PLAN, batch, hidden),
+                                       out.logits[real], rtol=1e-5, atol=1e-5)
+
+
+def test_alignment_trains_only_emulator_lora_and_lowers_kl(setup):
+    _, sub, teacher = setup
+    cache = cache_teacher(teacher, PLAN, random_batches(4))
+    adapter_before, emulator_before = sub.adapter_lora(), sub.emulator_lora()
+    before = measure(teacher, sub.model, PLAN, cache)
+    result = align(teacher, sub.model, PLAN, cache, AlignSettings(lr=1e-2), epochs=5)
+    after = measure(teacher, sub.model, PLAN, cache)
+    assert result["steps"] == 20
+    assert after["kl"] < 0.7 * before["kl"] and after["rep"] < before["rep"]
+    assert all(torch.equal(sub.adapter_lora()[k], v) for k, v in adapter_before.items())
+    assert any(not torch.equal(sub.emulator_lora()[k], v) for k, v in emulator_before.items())
+    assert not any(p.requires_grad for p in sub.model.parameters()), "left trainable"
+
+
+def test_realign_subset_is_seeded_and_bounded():
+    cache = cache_teacher(tiny_model(), PLAN, random_batches(10))
+    settings = AlignSettings(realign_samples=9, batch_size=3)
+    first = realign_indices(cache, settings, round_number=5)
+    assert first == realign_indices(cache, settings, round_number=5)
+    assert len(first) == 3 and len(set(first)) == 3
+
+
+def test_bad_settings():
+    with pytest.raises(ValueError):
+        AlignSettings(alpha=0, beta=0)
+    with pytest.raises(ValueError):
+        AlignSettings(lr=0)
