@@ -52,3 +52,25 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data folder {SHARED_DATA} not present")
     return SHARED_DATA
+
+
+def save_tiny_model_dir(folder: Path, family: str = "llama", layers: int = 10) -> Path:
+    """A tiny model folder with a word-level tokenizer, loadable by ``fedsoda.models.load``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["the", "of", "and", "in", "to", "a", "was", "is", "for", "on", "as", "with", "by",
+             "he", "at", "that", "from", "his", "it", "an", "were", "are", "which", "this"]
+    vocab = {token: i for i, token in enumerate(["<unk>", "<pad>", "<eos>", *words])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>",
+                                        pad_token="<pad>", eos_token="<eos>")
+    tiny_model(family, layers=layers).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"))

@@ -40,17 +40,46 @@ def _add_build(commands) -> None:
         parser.add_argument(f"--{field}", type=float, default=getattr(defaults, field))
 
 
+def _add_data(commands) -> None:
+    data = commands.add_parser("data", help="data set tools").add_subparsers(dest="data_command",
+                                                                              required=True)
+    parser = data.add_parser("partition", help="split a task's train set across clients")
+    parser.add_argument("--task", required=True, choices=["sst2", "boolq", "gsm8k"])
+    parser.add_argument("--clients", type=int, default=10)
+    scheme = parser.add_mutually_exclusive_group()
+    scheme.add_argument("--dirichlet", type=float, metavar="BETA", help="label skew concentration")
+    scheme.add_argument("--iid", action="store_true", help="IID (the default)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--plot", default=None, help="PNG of per-client label counts")
+    parser.add_argument("--out", default=None)
+
+
+def _add_eval(commands) -> None:
+    parser = commands.add_parser("eval", help="accuracy of a model (or perplexity on WikiText-2)")
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="model spec, or a `fedsoda build` folder to score the NF4 sub-LLM")
+    parser.add_argument("--adapter", default=None, help="PEFT adapter folder for the full model")
+    parser.add_argument("--task", required=True, choices=["sst2", "boolq", "gsm8k", "wikitext2"])
+    parser.add_argument("--limit", type=int, default=None, help="first N examples (windows)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--out", default=None)
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="fedsoda", description=__doc__)
     commands = root.add_subparsers(dest="command", required=True)
     _add_prune(commands)
     _add_build(commands)
+    _add_data(commands)
+    _add_eval(commands)
     return root
 
 
 def run(args: argparse.Namespace) -> None:
     # Imported here so that `fedsoda --help` and argument errors stay instant.
-    from fedsoda.commands import model_prep
+    from fedsoda.commands import data_eval, model_prep
 
     if args.command == "prune":
         settings = PruneSettings(n=args.n, p=args.p, adapter_layers=args.adapter_layers,
@@ -62,6 +91,13 @@ def run(args: argparse.Namespace) -> None:
                                  batch_size=args.batch_size, epochs=args.epochs, lr=args.lr,
                                  alpha=args.alpha, beta=args.beta, seed=args.seed)
         model_prep.build(args.model, args.plan, args.data_dir, args.out, settings, args.device)
+    elif args.command == "data":
+        scheme = f"dirichlet:{args.dirichlet}" if args.dirichlet is not None else "iid"
+        data_eval.partition_command(args.task, args.clients, scheme, args.seed, args.data_dir,
+                                    args.plot, args.out)
+    elif args.command == "eval":
+        data_eval.eval_command(args.model, args.adapter, args.task, args.limit, args.batch_size,
+                               args.data_dir, args.out)
 
 
 def main(argv: list[str] | None = None) -> int:

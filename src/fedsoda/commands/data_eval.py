@@ -1,0 +1,77 @@
+"""`fedsoda data partition` and `fedsoda eval`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fedsoda.data.partition import PartitionScheme, label_counts, partition, plot_partition
+from fedsoda.data.public import wikitext_paragraphs
+from fedsoda.data.task import load_rows
+from fedsoda.data.tasks import get_task
+from fedsoda.evaluate.perplexity import perplexity
+from fedsoda.evaluate.tasks import evaluate, evaluation_rows
+from fedsoda.models import load
+
+
+def _write_json(data: dict, out: str | None) -> None:
+    print(json.dumps(data, indent=2))
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def partition_command(task_name: str, clients: int, scheme: str, seed: int,
+                      data_dir: str | None, plot: str | None, out: str | None) -> dict:
+    task = get_task(task_name)
+    parsed = PartitionScheme.parse(scheme)
+    rows = load_rows(task, task.train_split, data_dir)
+    keys = [task.partition_key(row) for row in rows]
+    parts = partition(keys, clients, parsed, seed)
+    result = {"task": task.name, "split": task.train_split, "scheme": str(parsed), "seed": seed,
+              "clients": label_counts(keys, parts)}
+    if plot:
+        plot_partition(result["clients"], f"{task.name}, {clients} clients, {parsed}", plot)
+    _write_json(result, out)
+    return result
+
+
+def load_for_eval(model_spec: str, adapter: str | None):
+    """The full model (optionally with a PEFT adapter folder) or a saved sub-LLM folder."""
+    if (Path(model_spec) / "lora.json").exists():  # a `fedsoda build` folder: the NF4 sub-LLM
+        from transformers import AutoTokenizer
+
+        from fedsoda.surgery.build import open_sub_llm
+
+        if adapter:
+            raise ValueError("--adapter applies to a full model, not to a sub-LLM folder")
+        tokenizer = AutoTokenizer.from_pretrained(Path(model_spec) / "model")
+        return open_sub_llm(model_spec).model, tokenizer
+    model, tokenizer = load(model_spec)
+    if adapter:
+        from peft import PeftModel
+
+        if not (Path(adapter) / "adapter_config.json").exists():
+            raise FileNotFoundError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json)")
+        model = PeftModel.from_pretrained(model, adapter).eval()
+    return model, tokenizer
+
+
+def eval_command(model_spec: str, adapter: str | None, task_name: str, limit: int | None,
+                 batch_size: int, data_dir: str | None, out: str | None) -> dict:
+    if task_name != "wikitext2":
+        task = get_task(task_name)  # validate before loading the model
+        rows = evaluation_rows(task, data_dir, limit)
+    model, tokenizer = load_for_eval(model_spec, adapter)
+    if task_name == "wikitext2":
+        import time
+
+        began = time.perf_counter()
+        lines = wikitext_paragraphs("test", data_dir, min_chars=1)
+        result = {"task": "wikitext2", **perplexity(model, tokenizer, lines, max_windows=limit),
+                  "seconds": time.perf_counter() - began}
+    else:
+        result = evaluate(model, tokenizer, task, rows, batch_size, data_dir=data_dir)
+    result = {"model": model_spec, "adapter": adapter, **result}
+    _write_json(result, out)
+    return result

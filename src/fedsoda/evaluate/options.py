@@ -1,0 +1,57 @@
+"""Classification by option log-likelihood: the option whose tokens the model finds most
+likely after the prompt wins. Only the positions that predict option tokens go through
+the LM head.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fedsoda.data.task import Example, encode_prompt
+from fedsoda.models import unwrap
+
+
+def _pad_right(sequences: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, sequences))
+    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def sequence_logprobs(model: nn.Module, sequences: list[list[int]], starts: list[int],
+                      pad_id: int) -> list[float]:
+    """Sum of ``log p(token_j | tokens_<j)`` over ``j >= start`` for each sequence."""
+    base = unwrap(model)
+    ids, mask = _pad_right(sequences, pad_id)
+    hidden = base.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    rows, cols = [], []
+    for row, (seq, start) in enumerate(zip(sequences, starts, strict=True)):
+        for position in range(start, len(seq)):
+            rows.append(row)
+            cols.append(position - 1)  # the hidden state that predicts token `position`
+    logits = base.lm_head(hidden[rows, cols]).float()
+    picked = torch.log_softmax(logits, dim=-1)[torch.arange(len(rows)), ids[rows, [c + 1 for c in cols]]]
+    totals = torch.zeros(len(sequences), dtype=torch.float64)
+    totals.index_add_(0, torch.tensor(rows), picked.double())
+    return totals.tolist()
+
+
+def option_scores(model: nn.Module, tokenizer, examples: list[Example], options: tuple[str, ...],
+                  max_tokens: int) -> list[list[float]]:
+    """Log-likelihood of every option for every example (rows: examples, cols: options)."""
+    option_ids = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in options]
+    longest = max(map(len, option_ids))
+    sequences, starts = [], []
+    for example in examples:
+        prompt = encode_prompt(tokenizer, example, max_tokens, reserve=longest)
+        for ids in option_ids:
+            sequences.append(prompt + list(ids))
+            starts.append(len(prompt))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    flat = sequence_logprobs(model, sequences, starts, pad)
+    return [flat[i: i + len(options)] for i in range(0, len(flat), len(options))]

@@ -1,0 +1,52 @@
+"""Score a model on a task: accuracy by option likelihood or GSM8K exact match."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from torch import nn
+
+from fedsoda.data.gsm8k import SHOTS, few_shot_prefix
+from fedsoda.data.task import Task, load_rows
+from fedsoda.evaluate.generation import exact_match, greedy_answers
+from fedsoda.evaluate.options import option_scores
+
+
+def evaluation_rows(task: Task, data_dir: str | None, limit: int | None) -> list[dict]:
+    rows = load_rows(task, task.eval_split, data_dir)
+    return rows[:limit] if limit else rows
+
+
+def evaluate(model: nn.Module, tokenizer, task: Task, rows: list[dict], batch_size: int = 16,
+             max_tokens: int = 512, max_new_tokens: int = 256, data_dir: str | None = None,
+             on_batch: Callable[[int, int], None] | None = None) -> dict:
+    """``{"task", "accuracy", "n", "seconds"}`` on ``rows`` (deterministic, batched)."""
+    if not rows:
+        raise ValueError(f"no {task.name} rows to evaluate")
+    began = time.perf_counter()
+    model.eval()
+    examples = [task.to_example(row) for row in rows]
+    # Similar lengths share a batch so little compute goes to padding; order does not
+    # change any score.
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt))
+    correct = [False] * len(examples)
+    shots = ""
+    if not task.is_classification:
+        shots = few_shot_prefix(load_rows(task, task.train_split, data_dir)[:SHOTS])
+    for start in range(0, len(order), batch_size):
+        chunk = order[start: start + batch_size]
+        batch = [examples[i] for i in chunk]
+        if task.is_classification:
+            scores = option_scores(model, tokenizer, batch, task.options, max_tokens)
+            hits = [max(range(len(s)), key=s.__getitem__) == e.label
+                    for s, e in zip(scores, batch, strict=True)]
+        else:
+            texts = greedy_answers(model, tokenizer, batch, shots, max_tokens * 4, max_new_tokens)
+            hits = exact_match(texts, [e.label for e in batch])
+        for index, hit in zip(chunk, hits, strict=True):
+            correct[index] = hit
+        if on_batch is not None:
+            on_batch(min(start + batch_size, len(order)), len(order))
+    return {"task": task.name, "accuracy": sum(correct) / len(correct), "n": len(correct),
+            "seconds": time.perf_counter() - began, "prompt": task.prompt_note}

@@ -1,0 +1,64 @@
+"""Option scoring against a hand-computed bigram model, and a plain-forward reference."""
+
+import math
+
+import torch
+from torch import nn
+from transformers import AutoTokenizer
+
+from conftest import save_tiny_model_dir, tiny_model
+from fedsoda.data.task import Example
+from fedsoda.evaluate.options import option_scores, sequence_logprobs
+from fedsoda.evaluate.perplexity import perplexity
+
+
+class Bigram(nn.Module):
+    """Hidden state = one-hot of the current token; logits = a fixed table row."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = torch.tensor(table)
+        self.model = self
+        self.lm_head = lambda hidden: hidden @ self.table
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        one_hot = nn.functional.one_hot(input_ids, self.table.shape[0]).float()
+        return type("Out", (), {"last_hidden_state": one_hot})()
+
+
+def test_sequence_logprobs_by_hand():
+    # 3 tokens; after token 0 the logits are (0, ln 3, 0) -> p = (1/5, 3/5, 1/5);
+    # after token 1 they are (ln 2, 0, ln 2) -> p = (2/5, 1/5, 2/5).
+    table = [[0.0, math.log(3), 0.0], [math.log(2), 0.0, math.log(2)], [0.0, 0.0, 0.0]]
+    model = Bigram(table)
+    got = sequence_logprobs(model, [[0, 1, 2], [0, 2]], starts=[1, 1], pad_id=2)
+    assert got[0] == torch.tensor(math.log(3 / 5) + math.log(2 / 5), dtype=torch.float64).item()
+    assert abs(got[1] - math.log(1 / 5)) < 1e-6
+
+
+def test_option_scores_match_plain_forward(tmp_path):
+    folder = save_tiny_model_dir(tmp_path / "tiny")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = tiny_model()
+    examples = [Example("the of ", "and in", " to", " a", 0), Example("", "was is for on", " as", " a", 1)]
+    options = (" with by", " he")
+    scores = option_scores(model, tokenizer, examples, options, max_tokens=32)
+    for example, row in zip(examples, scores, strict=True):
+        prompt = tokenizer(example.prompt, add_special_tokens=False)["input_ids"]
+        for option, score in zip(options, row, strict=True):
+            ids = prompt + tokenizer(option, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+            expected = sum(logp[j - 1, ids[j]].item() for j in range(len(prompt), len(ids)))
+            assert abs(score - expected) < 1e-4
+
+
+def test_perplexity_of_uniform_model_is_vocab_size():
+    table = [[0.0] * 5 for _ in range(5)]
+
+    class Tokenizer:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) % 5 for c in text]}
+
+    result = perplexity(Bigram(table), Tokenizer(), ["abcdefgh" * 10], seq_len=16)
+    assert abs(result["perplexity"] - 5.0) < 1e-4
