@@ -8,7 +8,8 @@ import pytest
 from fedsoda import cli
 from fedsoda.data.partition import PartitionScheme, label_counts, partition
 
-KEYS = [random.Random(7).choice([0, 0, 1]) for _ in range(2000)]
+_RNG = random.Random(7)
+KEYS = [_RNG.choice([0, 0, 1]) for _ in range(2000)]
 
 
 @pytest.mark.parametrize("scheme", ["iid", "dirichlet:0.1", "dirichlet:0.5", "dirichlet:1.0"])
