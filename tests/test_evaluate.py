@@ -62,3 +62,17 @@ def test_perplexity_of_uniform_model_is_vocab_size():
 
     result = perplexity(Bigram(table), Tokenizer(), ["abcdefgh" * 10], seq_len=16)
     assert abs(result["perplexity"] - 5.0) < 1e-4
+
+
+def test_single_token_options_use_the_prompt_forward_only(tmp_path):
+    folder = save_tiny_model_dir(tmp_path / "tiny")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = tiny_model()
+    examples = [Example("the of ", "and in", " to", " a", 0), Example("", "was is", " as", " a", 1)]
+    single = option_scores(model, tokenizer, examples, (" he", " at"), max_tokens=32)
+    for example, row in zip(examples, single, strict=True):
+        prompt = tokenizer(example.prompt, add_special_tokens=False)["input_ids"]
+        for option, score in zip((" he", " at"), row, strict=True):
+            ids = prompt + tokenizer(option, add_special_tokens=False)["input_ids"]
+            reference = sequence_logprobs(model, [ids], [len(prompt)], pad_id=1)[0]
+            assert abs(score - reference) < 1e-5

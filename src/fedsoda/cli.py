@@ -63,8 +63,28 @@ def _add_eval(commands) -> None:
     parser.add_argument("--task", required=True, choices=["sst2", "boolq", "gsm8k", "wikitext2"])
     parser.add_argument("--limit", type=int, default=None, help="first N examples (windows)")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="weights and compute of the full model (bfloat16: ~2x faster on CPUs "
+                             "with AVX512-BF16)")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", default=None)
+
+
+def _add_run(commands) -> None:
+    parser = commands.add_parser("run", help="federated fine-tuning in Flower's simulation engine")
+    parser.add_argument("config", nargs="?", default=None, help="TOML config file")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config key, e.g. --set align.lr=1e-3 (repeatable)")
+    parser.add_argument("--quick", action="store_true",
+                        help="2 clients, 2 rounds, small alignment and evaluation subsets")
+    parser.add_argument("--resume", metavar="RUN_DIR", default=None,
+                        help="continue a run from its last complete round")
+    for flag, kind in (("method", str), ("model", str), ("task", str), ("clients", int),
+                       ("clients-per-round", int), ("rounds", int), ("local-steps", int),
+                       ("batch-size", int), ("lr", float), ("mu", float), ("realign-every", int),
+                       ("partition", str), ("seed", int), ("eval-every", int),
+                       ("eval-limit", int), ("data-dir", str), ("out", str)):
+        parser.add_argument(f"--{flag}", type=kind, default=None)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -74,6 +94,7 @@ def parser() -> argparse.ArgumentParser:
     _add_build(commands)
     _add_data(commands)
     _add_eval(commands)
+    _add_run(commands)
     return root
 
 
@@ -95,9 +116,13 @@ def run(args: argparse.Namespace) -> None:
         scheme = f"dirichlet:{args.dirichlet}" if args.dirichlet is not None else "iid"
         data_eval.partition_command(args.task, args.clients, scheme, args.seed, args.data_dir,
                                     args.plot, args.out)
+    elif args.command == "run":
+        from fedsoda.commands.run import run_command
+
+        run_command(args)
     elif args.command == "eval":
         data_eval.eval_command(args.model, args.adapter, args.task, args.limit, args.batch_size,
-                               args.data_dir, args.out)
+                               args.data_dir, args.out, args.dtype)
 
 
 def main(argv: list[str] | None = None) -> int:

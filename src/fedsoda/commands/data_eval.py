@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from fedsoda.data.partition import PartitionScheme, label_counts, partition, plot_partition
 from fedsoda.data.public import wikitext_paragraphs
 from fedsoda.data.task import load_rows
@@ -36,7 +38,7 @@ def partition_command(task_name: str, clients: int, scheme: str, seed: int,
     return result
 
 
-def load_for_eval(model_spec: str, adapter: str | None):
+def load_for_eval(model_spec: str, adapter: str | None, dtype: str = "float32"):
     """The full model (optionally with a PEFT adapter folder) or a saved sub-LLM folder."""
     if (Path(model_spec) / "lora.json").exists():  # a `fedsoda build` folder: the NF4 sub-LLM
         from transformers import AutoTokenizer
@@ -47,7 +49,7 @@ def load_for_eval(model_spec: str, adapter: str | None):
             raise ValueError("--adapter applies to a full model, not to a sub-LLM folder")
         tokenizer = AutoTokenizer.from_pretrained(Path(model_spec) / "model")
         return open_sub_llm(model_spec).model, tokenizer
-    model, tokenizer = load(model_spec)
+    model, tokenizer = load(model_spec, dtype=getattr(torch, dtype))
     if adapter:
         from peft import PeftModel
 
@@ -58,11 +60,12 @@ def load_for_eval(model_spec: str, adapter: str | None):
 
 
 def eval_command(model_spec: str, adapter: str | None, task_name: str, limit: int | None,
-                 batch_size: int, data_dir: str | None, out: str | None) -> dict:
+                 batch_size: int, data_dir: str | None, out: str | None,
+                 dtype: str = "float32") -> dict:
     if task_name != "wikitext2":
         task = get_task(task_name)  # validate before loading the model
         rows = evaluation_rows(task, data_dir, limit)
-    model, tokenizer = load_for_eval(model_spec, adapter)
+    model, tokenizer = load_for_eval(model_spec, adapter, dtype)
     if task_name == "wikitext2":
         import time
 
@@ -72,6 +75,6 @@ def eval_command(model_spec: str, adapter: str | None, task_name: str, limit: in
                   "seconds": time.perf_counter() - began}
     else:
         result = evaluate(model, tokenizer, task, rows, batch_size, data_dir=data_dir)
-    result = {"model": model_spec, "adapter": adapter, **result}
+    result = {"model": model_spec, "adapter": adapter, "dtype": dtype, **result}
     _write_json(result, out)
     return result

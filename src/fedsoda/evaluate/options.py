@@ -41,17 +41,31 @@ def sequence_logprobs(model: nn.Module, sequences: list[list[int]], starts: list
     return totals.tolist()
 
 
+@torch.no_grad()
+def next_token_logprobs(model: nn.Module, prompts: list[list[int]], pad_id: int) -> torch.Tensor:
+    """``log p(. | prompt)`` at the end of each prompt: ``[N, vocab]``, one LM-head row each."""
+    base = unwrap(model)
+    ids, mask = _pad_right(prompts, pad_id)
+    hidden = base.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    last = torch.tensor([len(p) - 1 for p in prompts])
+    return torch.log_softmax(base.lm_head(hidden[torch.arange(len(prompts)), last]).float(), -1)
+
+
 def option_scores(model: nn.Module, tokenizer, examples: list[Example], options: tuple[str, ...],
                   max_tokens: int) -> list[list[float]]:
     """Log-likelihood of every option for every example (rows: examples, cols: options)."""
     option_ids = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in options]
     longest = max(map(len, option_ids))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if longest == 1:  # every option is one token: one forward of the prompt scores them all
+        prompts = [encode_prompt(tokenizer, example, max_tokens, reserve=1) for example in examples]
+        logprobs = next_token_logprobs(model, prompts, pad)[:, [ids[0] for ids in option_ids]]
+        return logprobs.double().tolist()
     sequences, starts = [], []
     for example in examples:
         prompt = encode_prompt(tokenizer, example, max_tokens, reserve=longest)
         for ids in option_ids:
             sequences.append(prompt + list(ids))
             starts.append(len(prompt))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     flat = sequence_logprobs(model, sequences, starts, pad)
     return [flat[i: i + len(options)] for i in range(0, len(flat), len(options))]

@@ -93,6 +93,7 @@ def open_sub_llm(folder: Path | str, device: str = "cpu") -> SubLLM:
     spec = layout["spec"]
     spec = LoraSpec(**{**spec, "targets": tuple(spec["targets"])})
     sub = _with_lora(load_nf4(folder / "model", device), PruningPlan.load(folder / "plan.json"), spec, 0)
-    load_lora_state(sub.model, read_lora(folder / "emulator_lora.safetensors"))
-    load_lora_state(sub.model, read_lora(folder / "adapter_lora.safetensors"))
+    for name in ("emulator_lora.safetensors", "adapter_lora.safetensors"):
+        if (folder / name).exists():  # a client may hold the emulator LoRA only
+            load_lora_state(sub.model, read_lora(folder / name))
     return sub

@@ -1,0 +1,72 @@
+"""Client peak memory in a training step, measured in a fresh process.
+
+On CPU: the process's peak RSS after one training step minus its peak RSS after imports
+(so the interpreter and libraries do not count). On CUDA: ``torch.cuda.max_memory_allocated``.
+Run as ``python -m fedsoda.accounting --folder SUBLLM --task sst2`` it prints JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def client_peak_memory(folder: Path | str, task: str, batch_size: int, max_tokens: int,
+                       data_dir: str | None, steps: int = 2) -> int:
+    """Peak memory of a client training step on the sub-LLM in ``folder`` (fresh process)."""
+    command = [sys.executable, "-m", "fedsoda.accounting", "--folder", str(folder), "--task", task,
+               "--batch-size", str(batch_size), "--max-tokens", str(max_tokens),
+               "--steps", str(steps)]
+    if data_dir:
+        command += ["--data-dir", str(data_dir)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"memory probe failed: {done.stderr[-2000:]}")
+    return int(json.loads(done.stdout.strip().splitlines()[-1])["peak_bytes"])
+
+
+def _probe(args: argparse.Namespace) -> dict:
+    import torch
+    from transformers import AutoTokenizer
+
+    from fedsoda.data.task import encode_for_training, load_rows
+    from fedsoda.data.tasks import get_task
+    from fedsoda.surgery.build import open_sub_llm
+    from fedsoda.training import local_train
+
+    baseline = _peak_rss_bytes()
+    sub = open_sub_llm(args.folder)
+    task = get_task(args.task)
+    tokenizer = AutoTokenizer.from_pretrained(Path(args.folder) / "model")
+    rows = load_rows(task, task.train_split, args.data_dir)[: args.batch_size * 4]
+    examples = [encode_for_training(tokenizer, task.to_example(r), args.max_tokens,
+                                    not task.is_classification) for r in rows]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    local_train(sub.model, sub.adapter_layers, examples, args.steps, args.batch_size, 1e-4, 0.01,
+                0, pad)
+    if torch.cuda.is_available():
+        return {"peak_bytes": torch.cuda.max_memory_allocated(), "device": "cuda"}
+    return {"peak_bytes": _peak_rss_bytes() - baseline, "device": "cpu", "baseline_bytes": baseline}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--folder", required=True)
+    parser.add_argument("--task", default="sst2")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--data-dir", default=None)
+    print(json.dumps(_probe(parser.parse_args())))
+
+
+if __name__ == "__main__":
+    main()

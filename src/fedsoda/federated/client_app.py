@@ -1,0 +1,125 @@
+"""The FedSODA ClientApp: holds the NF4 sub-LLM, trains the adapter LoRA on private data.
+
+Message types it answers:
+- ``query.hello``: which partition this node serves, and whether it already holds the
+  sub-LLM with the given content hash (so the download happens once);
+- ``query.deliver``: the sub-LLM files, written to the node's own storage;
+- ``train``: the global adapter LoRA (and the emulator LoRA after a realignment); replies
+  with the trained adapter LoRA and the number of local examples.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from functools import lru_cache
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedsoda.data.partition import PartitionScheme, partition
+from fedsoda.data.task import encode_for_training, load_rows
+from fedsoda.data.tasks import get_task
+from fedsoda.federated.messages import from_record, to_record, write_files
+from fedsoda.models import cache_dir
+from fedsoda.surgery.build import SubLLM, open_sub_llm
+from fedsoda.surgery.lora import load_lora_state, read_lora, save_lora
+from fedsoda.training import local_train
+
+app = ClientApp()
+
+
+def partition_id(context: Context) -> int:
+    if "partition-id" not in context.node_config:
+        raise ValueError("this SuperNode has no partition-id in its node config; start it with "
+                         "--node-config 'partition-id=K num-partitions=N'")
+    return int(context.node_config["partition-id"])
+
+
+def node_storage(partition: int) -> Path:
+    """What this client keeps on its device (one folder per simulated client)."""
+    return cache_dir() / "clients" / f"client-{partition}"
+
+
+def _holds(partition: int, model_hash: str) -> bool:
+    return (node_storage(partition) / model_hash / "model" / "config.json").exists()
+
+
+@lru_cache(maxsize=2)
+def _sub_llm(folder: str) -> SubLLM:
+    # One instance per process and model: LoRA tensors are loaded into it on every call.
+    return open_sub_llm(folder)
+
+
+@lru_cache(maxsize=4)
+def _examples(task_name: str, data_dir: str | None, clients: int, scheme: str, seed: int,
+              partition_index: int, max_tokens: int, tokenizer_folder: str) -> list[dict]:
+    from transformers import AutoTokenizer
+
+    task = get_task(task_name)
+    rows = load_rows(task, task.train_split, data_dir)
+    parts = partition([task.partition_key(r) for r in rows], clients,
+                      PartitionScheme.parse(scheme), seed)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+    with_eos = not task.is_classification
+    return [encode_for_training(tokenizer, task.to_example(rows[i]), max_tokens, with_eos)
+            for i in parts[partition_index]]
+
+
+@app.query("hello")
+def hello(message: Message, context: Context) -> Message:
+    model_hash = str(message.content["config"]["model_hash"])
+    pid = partition_id(context)
+    reply = MetricRecord({"partition_id": pid, "holds_model": int(_holds(pid, model_hash))})
+    return Message(RecordDict({"metrics": reply}), reply_to=message)
+
+
+@app.query("deliver")
+def deliver(message: Message, context: Context) -> Message:
+    config = message.content["config"]
+    folder = node_storage(partition_id(context)) / str(config["model_hash"])
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("lora.json", "plan.json"):
+        (folder / name).write_text(str(config[name]))
+    write_files(message.content["model"], folder / "model")
+    save_lora(from_record(message.content["emulator"]), folder / "emulator_lora.safetensors")
+    return Message(RecordDict({"metrics": MetricRecord({"ok": 1})}), reply_to=message)
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    config = message.content["config"]
+    pid = partition_id(context)
+    folder = node_storage(pid) / str(config["model_hash"])
+    if not _holds(pid, str(config["model_hash"])):
+        raise FileNotFoundError(f"client {pid} does not hold sub-LLM {config['model_hash']}")
+    if "emulator" in message.content:  # a realignment happened: keep the new emulator LoRA
+        save_lora(from_record(message.content["emulator"]), folder / "emulator_lora.safetensors")
+    sub = _sub_llm(str(folder))
+    load_lora_state(sub.model, read_lora(folder / "emulator_lora.safetensors"))
+    load_lora_state(sub.model, from_record(message.content["adapter"]))
+    examples = _examples(str(config["task"]), str(config["data_dir"]) or None,
+                         int(config["clients"]), str(config["partition"]), int(config["seed"]),
+                         pid, int(config["max_tokens"]), str(folder / "model"))
+    seed = zlib.crc32(json.dumps([int(config["seed"]), int(config["round"]), pid]).encode())
+    result = local_train(sub.model, sub.adapter_layers, examples, int(config["local_steps"]),
+                         int(config["batch_size"]), float(config["lr"]), float(config["mu"]),
+                         seed, sub_pad_id(folder))
+    metrics = MetricRecord({"num_examples": len(examples), "train_loss": result["loss"],
+                            "seconds": result["seconds"], "partition_id": pid})
+    return Message(RecordDict({"adapter": to_record(result["state"]), "metrics": metrics}),
+                   reply_to=message)
+
+
+@lru_cache(maxsize=4)
+def sub_pad_id(folder: Path) -> int:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder / "model")
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def train_config(**values) -> ConfigRecord:
+    """The ``config`` record of a train message (everything a client needs, no more)."""
+    return ConfigRecord({k: ("" if v is None else v) for k, v in values.items()})

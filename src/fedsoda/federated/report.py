@@ -1,0 +1,104 @@
+"""Per-round accounting (bytes and parameters actually serialized) and the run summary."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from flwr.app import ArrayRecord
+
+from fedsoda.federated.messages import record_bytes, record_params
+
+log = logging.getLogger("fedsoda.server")
+
+
+class RoundLog:
+    """Counts what one round sends and receives, and which replies were rejected."""
+
+    def __init__(self, round_number: int) -> None:
+        self.round = round_number
+        self.bytes_down = self.bytes_up = self.params_down = self.params_up = 0
+        self.loss_sum = self.weight_sum = 0.0
+        self.rejected: list[dict] = []
+
+    def down(self, record: ArrayRecord) -> None:
+        self.bytes_down += record_bytes(record)
+        self.params_down += record_params(record)
+
+    def up(self, record: ArrayRecord) -> None:
+        self.bytes_up += record_bytes(record)
+        self.params_up += record_params(record)
+
+    def loss(self, value: float, weight: float) -> None:
+        self.loss_sum += value * weight
+        self.weight_sum += weight
+
+    def reject(self, partition: int, reason: str) -> None:
+        log.warning("round %d: rejected the reply of client %d: %s", self.round, partition, reason)
+        self.rejected.append({"client": partition, "reason": reason})
+
+    def finish(self, accuracy: float | None, realigned: bool, seconds: float,
+               submodel_bytes_total: int) -> dict:
+        entry = {"round": self.round,
+                 "train_loss": self.loss_sum / self.weight_sum if self.weight_sum else None,
+                 "bytes_down": self.bytes_down, "bytes_up": self.bytes_up,
+                 "params_down": self.params_down, "params_up": self.params_up,
+                 "realigned": realigned, "seconds": seconds,
+                 "submodel_bytes_total": submodel_bytes_total, "rejected": self.rejected}
+        if accuracy is not None:
+            entry["accuracy"] = accuracy
+        acc = f"{accuracy:.4f}" if accuracy is not None else "-"
+        loss = f"{entry['train_loss']:.4f}" if entry["train_loss"] is not None else "-"
+        print(f"[fedsoda] round {self.round}: loss {loss} accuracy {acc} "
+              f"down {self.bytes_down / 2**20:.2f} MiB up {self.bytes_up / 2**20:.2f} MiB"
+              f"{' realigned' if realigned else ''} ({seconds:.0f} s)", flush=True)
+        return entry
+
+
+def plot_curve(metrics: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
+    evaluated = [m for m in metrics if "accuracy" in m]
+    left.plot([m["round"] for m in evaluated], [m["accuracy"] for m in evaluated], marker="o")
+    left.set_xlabel("round")
+    left.set_ylabel("accuracy (full LLM + adapter)")
+    right.bar([m["round"] for m in metrics], [(m["bytes_down"] + m["bytes_up"]) / 2**20 for m in metrics])
+    right.set_xlabel("round")
+    right.set_ylabel("MiB sent (down + up)")
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def write_summary(cfg, out: Path, models, state, task, rows, wall_seconds: float) -> dict:
+    from fedsoda.accounting import client_peak_memory
+    from fedsoda.methods import fedsoda
+
+    fedsoda.export_adapter(models, out / "adapter")
+    metrics = state.metrics
+    final = next((m["accuracy"] for m in reversed(metrics) if "accuracy" in m), None)
+    sub = fedsoda.evaluate_sub(models, task, rows, cfg.data_folder)["accuracy"]
+    summary = {
+        "method": cfg.method, "model": cfg.model, "task": cfg.task, "rounds": cfg.rounds,
+        "clients": cfg.clients, "clients_per_round": cfg.clients_per_round,
+        "accuracy": final, "accuracy_sub": sub, "eval_examples": len(rows),
+        "trainable_params": sum(t.numel() for t in state.adapter.values()),
+        "comm_params_per_round": sum(m["params_down"] + m["params_up"] for m in metrics) / len(metrics),
+        "comm_bytes_total": sum(m["bytes_down"] + m["bytes_up"] for m in metrics),
+        "submodel_download_bytes": metrics[-1]["submodel_bytes_total"],
+        "client_model_bytes": models.sizes["client_model_bytes"],
+        "client_peak_memory_bytes": client_peak_memory(models.folder, cfg.task, cfg.batch_size,
+                                                       cfg.max_tokens, cfg.data_folder),
+        "full_model_bf16_bytes": models.full_bf16_bytes,
+        "rejected_replies": sum(len(m["rejected"]) for m in metrics),
+        "wall_seconds": wall_seconds,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot_curve(metrics, out / "curve.png", f"{cfg.method} on {cfg.task}, {cfg.clients} clients")
+    return summary

@@ -1,0 +1,202 @@
+"""The FedSODA ServerApp: prepare the models, then run Algorithm 2 round by round.
+
+Each round: sample clients, send the sub-LLM to those that lack it (once), send the global
+adapter LoRA (and the emulator LoRA to clients whose copy is older than the latest
+realignment), screen and FedAvg the replies, realign every ``r`` rounds, evaluate every
+``eval_every`` rounds, checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import time
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fedsoda.data.tasks import get_task
+from fedsoda.evaluate.tasks import evaluation_rows
+from fedsoda.federated.checkpoint import ServerState, load_checkpoint, save_checkpoint
+from fedsoda.federated.client_app import train_config
+from fedsoda.federated.config import RunConfig, config_from_flat
+from fedsoda.federated.messages import files_record, from_record, record_bytes, to_record
+from fedsoda.federated.report import RoundLog, write_summary
+from fedsoda.federated.screening import screen_update
+from fedsoda.methods import fedsoda
+from fedsoda.surgery.lora import load_lora_state
+from fedsoda.training import fedavg
+
+log = logging.getLogger("fedsoda.server")
+
+
+def folder_hash(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(folder.iterdir()):
+        if path.is_file():
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def wait_for_nodes(grid: Grid, count: int, timeout: float = 300.0) -> list[int]:
+    began = time.monotonic()
+    while len(nodes := sorted(grid.get_node_ids())) < count:
+        if time.monotonic() - began > timeout:
+            raise TimeoutError(f"only {len(nodes)} of {count} client nodes connected")
+        time.sleep(0.2)
+    return nodes
+
+
+def handshake(grid: Grid, nodes: list[int], model_hash: str) -> tuple[dict[int, int], set[int]]:
+    """Partition id -> node id, and the partitions whose node already holds the sub-LLM."""
+    config = ConfigRecord({"model_hash": model_hash})
+    replies = grid.send_and_receive([Message(RecordDict({"config": config}), dst_node_id=n,
+                                             message_type="query.hello") for n in nodes])
+    by_partition, holding = {}, set()
+    for reply in replies:
+        if reply.has_error():
+            raise RuntimeError(f"client {reply.metadata.src_node_id} failed the handshake: "
+                               f"{reply.error.reason}")
+        metrics = reply.content["metrics"]
+        by_partition[int(metrics["partition_id"])] = reply.metadata.src_node_id
+        if metrics["holds_model"]:
+            holding.add(int(metrics["partition_id"]))
+    return by_partition, holding
+
+
+def deliver(grid: Grid, nodes: list[int], models: fedsoda.ServerModels, model_hash: str,
+            emulator: dict) -> int:
+    """Send the sub-LLM files (one-time download); returns the bytes sent."""
+    if not nodes:
+        return 0
+    files = files_record(models.folder / "model")
+    config = ConfigRecord({"model_hash": model_hash,
+                           "lora.json": (models.folder / "lora.json").read_text(),
+                           "plan.json": (models.folder / "plan.json").read_text()})
+    content = RecordDict({"model": files, "emulator": to_record(emulator), "config": config})
+    replies = list(grid.send_and_receive([Message(content, dst_node_id=n, message_type="query.deliver")
+                                          for n in nodes]))
+    failed = [r.metadata.src_node_id for r in replies if r.has_error()]
+    if failed or len(replies) != len(nodes):
+        raise RuntimeError(f"sub-LLM delivery failed for nodes {failed or 'missing replies'}")
+    return len(nodes) * (record_bytes(files) + record_bytes(content["emulator"]))
+
+
+def train_round(grid: Grid, cfg: RunConfig, state: ServerState, sampled: list[int],
+                node_of: dict[int, int], model_hash: str, sizes: dict[int, int],
+                round_log: RoundLog) -> list[tuple[dict, float, int]]:
+    """Send train messages; return the screened ``(update, weight, partition)`` triples."""
+    adapter_record = to_record(state.adapter)
+    messages = []
+    for pid in sampled:
+        content = RecordDict({"adapter": adapter_record, "config": train_config(
+            model_hash=model_hash, round=state.round + 1, task=cfg.task, data_dir=cfg.data_dir,
+            clients=cfg.clients, partition=cfg.partition, seed=cfg.seed,
+            max_tokens=cfg.max_tokens, local_steps=cfg.local_steps, batch_size=cfg.batch_size,
+            lr=cfg.lr, mu=cfg.mu)})
+        round_log.down(adapter_record)
+        if state.holders.get(str(pid), -1) < state.emulator_version:
+            content["emulator"] = to_record(state.emulator)
+            round_log.down(content["emulator"])
+            state.holders[str(pid)] = state.emulator_version
+        messages.append(Message(content, dst_node_id=node_of[pid], message_type="train"))
+    accepted = []
+    partition_of = {node: pid for pid, node in node_of.items()}
+    for reply in grid.send_and_receive(messages):
+        pid = partition_of.get(reply.metadata.src_node_id, -1)
+        if reply.has_error():
+            round_log.reject(pid, f"client error: {reply.error.reason}")
+            continue
+        update = from_record(reply.content["adapter"])
+        round_log.up(reply.content["adapter"])
+        metrics = reply.content["metrics"]
+        reason = screen_update(update, state.adapter, metrics.get("num_examples"), sizes[pid])
+        if reason:
+            round_log.reject(pid, reason)
+            continue
+        round_log.loss(float(metrics["train_loss"]), float(metrics["num_examples"]))
+        accepted.append((update, float(metrics["num_examples"]), pid))
+    return sorted(accepted, key=lambda item: item[2])  # fixed order: bitwise-reproducible sums
+
+
+def sample_clients(cfg: RunConfig, round_number: int) -> list[int]:
+    return sorted(random.Random(cfg.seed * 1_000_003 + round_number).sample(
+        range(cfg.clients), cfg.clients_per_round))
+
+
+def run_server(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict:
+    """The whole run on one grid; writes the run folder and returns the summary."""
+    began = time.perf_counter()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if resume:
+        state = load_checkpoint(out / "checkpoint")
+    else:
+        cfg.save(out / "config.toml")
+        (out / "metrics.jsonl").write_text("")
+    models = fedsoda.prepare(cfg.model, cfg.prune, cfg.align, cfg.data_folder, out,
+                             pre_align=not resume)
+    if not resume:
+        state = ServerState(adapter=models.sub.adapter_lora(), emulator=models.sub.emulator_lora(),
+                            emulator_version=0)
+    fedsoda.set_global_adapter(models, state.adapter)
+    load_lora_state(models.sub.model, state.emulator)
+    model_hash = folder_hash(models.folder / "model")
+    task = get_task(cfg.task)
+    rows = evaluation_rows(task, cfg.data_folder, cfg.eval_limit or None)
+    node_of, holding = handshake(grid, wait_for_nodes(grid, cfg.clients), model_hash)
+    sizes = _partition_sizes(cfg)
+    submodel_bytes = 0 if not resume else state.metrics[-1].get("submodel_bytes_total", 0)
+    while state.round < cfg.rounds:
+        round_began = time.perf_counter()
+        sampled = sample_clients(cfg, state.round + 1)
+        newcomers = [p for p in sampled if p not in holding]
+        submodel_bytes += deliver(grid, [node_of[p] for p in newcomers], models, model_hash,
+                                  state.emulator)
+        holding.update(newcomers)
+        for pid in newcomers:
+            state.holders[str(pid)] = state.emulator_version  # the delivery carried it
+        round_log = RoundLog(state.round + 1)
+        accepted = train_round(grid, cfg, state, sampled, node_of, model_hash, sizes, round_log)
+        if accepted:
+            state.adapter = fedavg([a[0] for a in accepted], [a[1] for a in accepted])
+        fedsoda.set_global_adapter(models, state.adapter)
+        state.round += 1
+        realigned = bool(cfg.realign_every) and state.round % cfg.realign_every == 0 \
+            and state.round < cfg.rounds
+        if realigned:
+            state.emulator = fedsoda.realign(models, cfg.align, state.round)["emulator"]
+            state.emulator_version += 1
+        accuracy = None
+        if state.round == cfg.rounds or (cfg.eval_every and state.round % cfg.eval_every == 0):
+            accuracy = fedsoda.evaluate_full(models, task, rows, cfg.data_folder)["accuracy"]
+        entry = round_log.finish(accuracy, realigned, time.perf_counter() - round_began,
+                                 submodel_bytes)
+        state.metrics.append(entry)
+        with open(out / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(entry) + "\n")
+        save_checkpoint(state, out / "checkpoint")
+    return write_summary(cfg, out, models, state, task, rows, time.perf_counter() - began)
+
+
+def _partition_sizes(cfg: RunConfig) -> dict[int, int]:
+    from fedsoda.data.partition import PartitionScheme, partition
+    from fedsoda.data.task import load_rows
+
+    task = get_task(cfg.task)
+    rows = load_rows(task, task.train_split, cfg.data_folder)
+    parts = partition([task.partition_key(r) for r in rows], cfg.clients,
+                      PartitionScheme.parse(cfg.partition), cfg.seed)
+    return {pid: len(part) for pid, part in enumerate(parts)}
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point for Flower's deployment engine (`flwr run`): config from the run config."""
+    run_server(grid, config_from_flat(dict(context.run_config)))

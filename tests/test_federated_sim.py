@@ -1,0 +1,145 @@
+"""FedSODA end to end in Flower's simulation engine on a tiny random model."""
+
+import dataclasses
+import io
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Message
+from flwr.clientapp import ClientApp
+from peft import PeftModel
+from ray import cloudpickle
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from fedsoda.align.oda import AlignSettings
+from fedsoda.federated import client_app as real
+from fedsoda.federated import server_app
+from fedsoda.federated.config import RunConfig
+from fedsoda.federated.messages import from_record, to_record
+from fedsoda.federated.simulation import simulate
+from fedsoda.surgery.plan import PruneSettings
+
+# Ray workers cannot import this test module; ship its functions by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def tiny_config(model_dir, data_dir, out, **changes) -> RunConfig:
+    base = RunConfig(model=str(model_dir), task="sst2", clients=2, clients_per_round=2,
+                     rounds=2, local_steps=2, batch_size=4, lr=1e-3, realign_every=1,
+                     eval_every=1, eval_limit=16, max_tokens=48, data_dir=str(data_dir),
+                     out=str(out),
+                     prune=PruneSettings(n=2, p=2, adapter_layers=2, samples=8, seq_len=32),
+                     align=AlignSettings(samples=16, heldout=8, seq_len=32, batch_size=8,
+                                         realign_samples=8))
+    return dataclasses.replace(base, **changes)
+
+
+def np_save(array) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def npy_bytes(tensors) -> int:
+    """Bytes of tensors saved as .npy, the format Flower serializes arrays in."""
+    return sum(len(np_save(tensor.float().numpy())) for tensor in tensors)
+
+
+def test_two_rounds_write_a_complete_run_folder(tiny_model_dir, shared_data, tmp_path):
+    out = tmp_path / "run"
+    summary = simulate(tiny_config(tiny_model_dir, shared_data, out))
+    for name in ("config.toml", "plan.json", "metrics.jsonl", "summary.json", "curve.png",
+                 "adapter/adapter_config.json", "align.json", "subllm/model/config.json"):
+        assert (out / name).exists(), name
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2]
+    for key in ("train_loss", "accuracy", "bytes_down", "bytes_up", "params_down", "params_up",
+                "realigned", "seconds"):
+        assert key in rounds[0]
+    assert rounds[0]["realigned"] and not rounds[1]["realigned"]  # no realignment after the last
+    # Bytes equal the serialized sizes of the tensors: adapter LoRA down and up for each client;
+    # in round 2 the emulator LoRA (new after the realignment) goes down too.
+    adapter = load_file(str(out / "checkpoint" / "adapter.safetensors"))
+    emulator = load_file(str(out / "checkpoint" / "emulator.safetensors"))
+    assert rounds[0]["bytes_up"] == 2 * npy_bytes(adapter.values())
+    assert rounds[0]["bytes_down"] == 2 * npy_bytes(adapter.values())
+    assert rounds[1]["bytes_down"] == 2 * (npy_bytes(adapter.values()) + npy_bytes(emulator.values()))
+    assert rounds[1]["params_up"] == 2 * sum(t.numel() for t in adapter.values())
+    assert summary["trainable_params"] == sum(t.numel() for t in adapter.values())
+    # The one-time download: every file of the NF4 model folder as raw bytes, plus the
+    # pre-aligned emulator LoRA, for each of the two clients.
+    files = sorted(p for p in (out / "subllm" / "model").iterdir() if p.is_file())
+    emulator_0 = load_file(str(out / "subllm" / "emulator_lora.safetensors"))
+    one_client = sum(len(np_save(np.frombuffer(p.read_bytes(), np.uint8))) for p in files)
+    assert summary["submodel_download_bytes"] == 2 * (one_client + npy_bytes(emulator_0.values()))
+    assert summary["client_peak_memory_bytes"] > 0
+    full = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    loaded = PeftModel.from_pretrained(full, out / "adapter")
+    assert loaded is not None
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_resume_after_round_two_gives_the_same_adapter(tiny_model_dir, shared_data, tmp_path,
+                                                       monkeypatch):
+    straight = tmp_path / "straight"
+    simulate(tiny_config(tiny_model_dir, shared_data, straight, rounds=3, realign_every=2))
+    resumed = tmp_path / "resumed"
+    cfg = tiny_config(tiny_model_dir, shared_data, resumed, rounds=3, realign_every=2)
+    original = server_app.save_checkpoint
+
+    def crash_after_round_two(state, folder):
+        original(state, folder)
+        if state.round == 2:
+            raise Crash("killed after round 2")
+
+    monkeypatch.setattr(server_app, "save_checkpoint", crash_after_round_two)
+    with pytest.raises(Crash):
+        simulate(cfg)
+    monkeypatch.setattr(server_app, "save_checkpoint", original)
+    simulate(cfg, resume=True)
+    a = load_file(str(straight / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(resumed / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    lines = (resumed / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["round"] for line in lines] == [1, 2, 3]
+
+
+# A client population where three of four clients misbehave.
+bad_clients = ClientApp()
+bad_clients.query("hello")(real.hello)
+bad_clients.query("deliver")(real.deliver)
+
+
+@bad_clients.train()
+def misbehaving_train(message, context):
+    reply = real.train(message, context)
+    pid = int(context.node_config["partition-id"])
+    update = from_record(reply.content["adapter"])
+    if pid == 0:
+        update = {k: torch.full_like(v, float("nan")) for k, v in update.items()}
+    elif pid == 1:
+        key = sorted(update)[0]
+        update[key] = torch.zeros(update[key].shape[0] + 1, update[key].shape[1])
+    elif pid == 2:
+        reply.content["metrics"]["num_examples"] = 10**9
+    reply.content["adapter"] = to_record(update)
+    return Message(reply.content, reply_to=message)
+
+
+def test_bad_replies_are_rejected_and_logged(tiny_model_dir, shared_data, tmp_path):
+    out = tmp_path / "bad"
+    cfg = tiny_config(tiny_model_dir, shared_data, out, clients=4, clients_per_round=4, rounds=1,
+                      realign_every=0)
+    summary = simulate(cfg, clients=bad_clients)
+    rejected = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["rejected"]
+    reasons = {r["client"]: r["reason"] for r in rejected}
+    assert "non-finite" in reasons[0] and "shape" in reasons[1] and "outside" in reasons[2]
+    assert 3 not in reasons and summary["rejected_replies"] == 3
+    assert summary["accuracy"] is not None
