@@ -41,12 +41,15 @@ def plan_cache_path(model_hash: str, data_hash: str, settings: PruneSettings) ->
 
 
 def prune(model_spec: str, settings: PruneSettings, data_dir: str | None, out: str | None,
-          seed: int = 0, use_cache: bool = True) -> PruningPlan:
-    """Similarity group pruning of ``model_spec``; the plan is cached by content."""
+          seed: int = 0, use_cache: bool = True, loaded: tuple | None = None) -> PruningPlan:
+    """Similarity group pruning of ``model_spec``; the plan is cached by content.
+
+    ``loaded`` passes an already loaded ``(model, tokenizer)`` so that it is not loaded twice.
+    """
     began = time.perf_counter()
     # Validate against the config before paying for the weights.
     settings.check_model(load_config(model_spec).num_hidden_layers)
-    model, tokenizer = load(model_spec)
+    model, tokenizer = loaded or load(model_spec)
     batches, data_hash = public_batches(tokenizer, "validation", settings.samples,
                                         settings.seq_len, 8, data_dir, seed)
     model_hash = model_fingerprint(model)

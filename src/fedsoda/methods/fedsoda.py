@@ -61,7 +61,8 @@ def prepare(model_spec: str, prune_settings: PruneSettings, settings: AlignSetti
     if (folder / "lora.json").exists():
         sub, pre_align = open_sub_llm(folder), False
     else:
-        plan = prune(model_spec, prune_settings, data_dir, str(out / "plan.json"))
+        plan = prune(model_spec, prune_settings, data_dir, str(out / "plan.json"),
+                     loaded=(full, tokenizer))
         sub = make_sub_llm(full, plan, folder, tokenizer, seed=settings.seed)
     teacher = plug_adapter(copy.deepcopy(full), sub.adapter_lora(), sub.plan)
     del full
