@@ -74,3 +74,13 @@ def test_local_rows_and_unknown_task(shared_data):
     assert len(rows) == 3270 and isinstance(rows[0]["label"], bool)
     with pytest.raises(ValueError, match="unknown task"):
         get_task("mnli")
+
+
+def test_encoded_examples_are_lazy_and_equal_eager_encoding(tokenizer):
+    from fedsoda.data.task import EncodedExamples
+
+    rows = [{"sentence": "the of and", "label": i % 2} for i in range(5)]
+    lazy = EncodedExamples(sst2.TASK, rows, tokenizer, max_tokens=32)
+    assert len(lazy) == 5 and not lazy._cache
+    assert lazy[3] == encode_for_training(tokenizer, sst2.to_example(rows[3]), 32)
+    assert set(lazy._cache) == {3}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -50,7 +51,7 @@ def proximal_term(params: dict[str, nn.Parameter], anchor: dict[str, torch.Tenso
                start=torch.zeros(()))
 
 
-def local_train(model: nn.Module, layers: list[int], examples: list[dict[str, list[int]]],
+def local_train(model: nn.Module, layers: list[int], examples: Sequence[dict[str, list[int]]],
                 steps: int, batch_size: int, lr: float, mu: float, seed: int,
                 pad_id: int) -> dict:
     """Train the LoRA of ``layers`` for ``steps`` AdamW steps on random mini-batches.
@@ -68,7 +69,8 @@ def local_train(model: nn.Module, layers: list[int], examples: list[dict[str, li
     began, losses = time.perf_counter(), []
     model.train()
     for _ in range(steps):
-        batch = collate(rng.sample(examples, min(batch_size, len(examples))), pad_id)
+        picks = rng.sample(range(len(examples)), min(batch_size, len(examples)))
+        batch = collate([examples[i] for i in picks], pad_id)
         task_loss = answer_loss(model, batch)
         loss = task_loss + 0.5 * mu * proximal_term(named, anchor) if mu else task_loss
         if not math.isfinite(loss.item()):

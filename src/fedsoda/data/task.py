@@ -8,7 +8,7 @@ continue with, and the label the answer stands for.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,3 +106,25 @@ def encode_for_training(tokenizer, example: Example, max_tokens: int,
         answer = answer[: max_tokens // 2]  # a very long worked solution: keep its start
     prompt = encode_prompt(tokenizer, example, max_tokens, reserve=len(answer))
     return {"input_ids": prompt + answer, "labels": [IGNORE_INDEX] * len(prompt) + answer}
+
+
+class EncodedExamples(Sequence):
+    """A client's rows, tokenized only when a mini-batch first draws them.
+
+    A client may hold thousands of examples but train a few steps per round; encoding all
+    of them up front would cost more than the training.
+    """
+
+    def __init__(self, task: Task, rows: list[dict], tokenizer, max_tokens: int) -> None:
+        self.task, self.rows, self.tokenizer, self.max_tokens = task, rows, tokenizer, max_tokens
+        self._cache: dict[int, dict[str, list[int]]] = {}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        if index not in self._cache:
+            example = self.task.to_example(self.rows[index])
+            self._cache[index] = encode_for_training(self.tokenizer, example, self.max_tokens,
+                                                     with_eos=not self.task.is_classification)
+        return self._cache[index]

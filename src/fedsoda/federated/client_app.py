@@ -19,7 +19,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedsoda.data.partition import PartitionScheme, partition
-from fedsoda.data.task import encode_for_training, load_rows
+from fedsoda.data.task import EncodedExamples, load_rows
 from fedsoda.data.tasks import get_task
 from fedsoda.federated.messages import from_record, to_record, write_files
 from fedsoda.models import cache_dir
@@ -54,7 +54,7 @@ def _sub_llm(folder: str) -> SubLLM:
 
 @lru_cache(maxsize=4)
 def _examples(task_name: str, data_dir: str | None, clients: int, scheme: str, seed: int,
-              partition_index: int, max_tokens: int, tokenizer_folder: str) -> list[dict]:
+              partition_index: int, max_tokens: int, tokenizer_folder: str) -> EncodedExamples:
     from transformers import AutoTokenizer
 
     task = get_task(task_name)
@@ -62,9 +62,7 @@ def _examples(task_name: str, data_dir: str | None, clients: int, scheme: str, s
     parts = partition([task.partition_key(r) for r in rows], clients,
                       PartitionScheme.parse(scheme), seed)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
-    with_eos = not task.is_classification
-    return [encode_for_training(tokenizer, task.to_example(rows[i]), max_tokens, with_eos)
-            for i in parts[partition_index]]
+    return EncodedExamples(task, [rows[i] for i in parts[partition_index]], tokenizer, max_tokens)
 
 
 @app.query("hello")
