@@ -47,7 +47,7 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
         monkeypatch.setenv("FEDSODA_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data folder {SHARED_DATA} not present")

@@ -60,7 +60,8 @@ def test_alignment_trains_only_emulator_lora_and_lowers_kl(setup):
     cache = cache_teacher(teacher, PLAN, random_batches(4))
     adapter_before, emulator_before = sub.adapter_lora(), sub.emulator_lora()
     before = measure(teacher, sub.model, PLAN, cache)
-    result = align(teacher, sub.model, PLAN, cache, AlignSettings(lr=1e-2), epochs=5)
+    settings = AlignSettings(lr=1e-2, alpha=1.0, beta=1.0)  # both terms weighted: both must fall
+    result = align(teacher, sub.model, PLAN, cache, settings, epochs=5)
     after = measure(teacher, sub.model, PLAN, cache)
     assert result["steps"] == 20
     assert after["kl"] < 0.7 * before["kl"] and after["rep"] < before["rep"]

@@ -15,8 +15,33 @@ import sys
 from pathlib import Path
 
 
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # reported in kB
+    raise KeyError(field)
+
+
+def start_peak_window() -> int:
+    """Current RSS, and restart peak tracking from it.
+
+    ``ru_maxrss`` is a lifetime peak, so a transient spike while importing would hide the
+    training step; writing 5 to ``/proc/self/clear_refs`` resets the kernel's peak (VmHWM).
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return _status_bytes("VmRSS")
+    except OSError:  # not Linux: fall back to the lifetime peak
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_since_window() -> int:
+    try:
+        return _status_bytes("VmHWM")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def client_peak_memory(folder: Path | str, task: str, batch_size: int, max_tokens: int,
@@ -42,7 +67,7 @@ def _probe(args: argparse.Namespace) -> dict:
     from fedsoda.surgery.build import open_sub_llm
     from fedsoda.training import local_train
 
-    baseline = _peak_rss_bytes()
+    baseline = start_peak_window()
     sub = open_sub_llm(args.folder)
     task = get_task(args.task)
     tokenizer = AutoTokenizer.from_pretrained(Path(args.folder) / "model")
@@ -54,7 +79,7 @@ def _probe(args: argparse.Namespace) -> dict:
                 0, pad)
     if torch.cuda.is_available():
         return {"peak_bytes": torch.cuda.max_memory_allocated(), "device": "cuda"}
-    return {"peak_bytes": _peak_rss_bytes() - baseline, "device": "cpu", "baseline_bytes": baseline}
+    return {"peak_bytes": peak_since_window() - baseline, "device": "cpu", "baseline_bytes": baseline}
 
 
 def main() -> None:

@@ -64,6 +64,7 @@ def prepare(model_spec: str, prune_settings: PruneSettings, settings: AlignSetti
         plan = prune(model_spec, prune_settings, data_dir, str(out / "plan.json"),
                      loaded=(full, tokenizer))
         sub = make_sub_llm(full, plan, folder, tokenizer, seed=settings.seed)
+    full_bf16_bytes = dense_bytes(full, 2)
     teacher = plug_adapter(copy.deepcopy(full), sub.adapter_lora(), sub.plan)
     del full
     public, _ = public_batches(tokenizer, "validation", settings.samples, settings.seq_len,
@@ -73,7 +74,7 @@ def prepare(model_spec: str, prune_settings: PruneSettings, settings: AlignSetti
     models = ServerModels(teacher=teacher, sub=sub, tokenizer=tokenizer, folder=folder,
                           public=cache_teacher(teacher, sub.plan, public),
                           heldout=cache_teacher(teacher, sub.plan, held), sizes={},
-                          full_bf16_bytes=dense_bytes(teacher.get_base_model(), 2))
+                          full_bf16_bytes=full_bf16_bytes)
     if pre_align:
         before = measure(teacher, sub.model, sub.plan, models.heldout)
         result = align(teacher, sub.model, sub.plan, models.public, settings, settings.epochs)
