@@ -105,3 +105,23 @@ def test_checkpoint_round_trip(tmp_path):
     assert torch.equal(loaded.adapter["w"], state.adapter["w"])
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
         load_checkpoint(tmp_path / "none")
+
+
+def test_shipped_configs_open_with_their_command_and_parse():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
+    assert configs
+    for path in configs:
+        assert path.read_text().splitlines()[0] == f"# fedsoda run configs/{path.name}" or \
+            path.read_text().splitlines()[0].startswith(f"# fedsoda run configs/{path.name} ")
+        load_config(path)
+
+
+def test_quick_flag_equals_the_quick_config():
+    from pathlib import Path
+
+    from fedsoda.commands.run import QUICK
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "quick.toml"
+    assert load_config(None, QUICK + ["out=runs/quick"]) == load_config(path)
