@@ -21,6 +21,7 @@ class RoundLog:
         self.bytes_down = self.bytes_up = self.params_down = self.params_up = 0
         self.loss_sum = self.weight_sum = 0.0
         self.rejected: list[dict] = []
+        self.accepted = 0
 
     def down(self, record: ArrayRecord) -> None:
         self.bytes_down += record_bytes(record)
@@ -31,6 +32,7 @@ class RoundLog:
         self.params_up += record_params(record)
 
     def loss(self, value: float, weight: float) -> None:
+        self.accepted += 1
         self.loss_sum += value * weight
         self.weight_sum += weight
 
@@ -50,7 +52,8 @@ class RoundLog:
             entry["accuracy"] = accuracy
         acc = f"{accuracy:.4f}" if accuracy is not None else "-"
         loss = f"{entry['train_loss']:.4f}" if entry["train_loss"] is not None else "-"
-        print(f"[fedsoda] round {self.round}: loss {loss} accuracy {acc} "
+        print(f"[fedsoda] round {self.round}: clients {self.accepted} accepted, "
+              f"{len(self.rejected)} rejected; loss {loss} accuracy {acc} "
               f"down {self.bytes_down / 2**20:.2f} MiB up {self.bytes_up / 2**20:.2f} MiB"
               f"{' realigned' if realigned else ''} ({seconds:.0f} s)", flush=True)
         return entry
