@@ -136,7 +136,6 @@ def run_server(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict:
         state = load_checkpoint(out / "checkpoint")
     else:
         cfg.save(out / "config.toml")
-        (out / "metrics.jsonl").write_text("")
     models = fedsoda.prepare(cfg.model, cfg.prune, cfg.align, cfg.data_folder, out,
                              pre_align=not resume)
     if not resume:
@@ -176,9 +175,12 @@ def run_server(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict:
         entry = round_log.finish(accuracy, realigned, time.perf_counter() - round_began,
                                  submodel_bytes)
         state.metrics.append(entry)
-        with open(out / "metrics.jsonl", "a") as handle:
-            handle.write(json.dumps(entry) + "\n")
         save_checkpoint(state, out / "checkpoint")
+        # Rewritten from the checkpointed state, so a crash at any point never leaves a
+        # round twice (or half) in the file after a resume.
+        tmp = out / "metrics.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(m) + "\n" for m in state.metrics))
+        tmp.replace(out / "metrics.jsonl")
     return write_summary(cfg, out, models, state, task, rows, time.perf_counter() - began)
 
 
