@@ -15,8 +15,7 @@ import json
 import tempfile
 import time
 
-from fedsoda.align.oda import AlignSettings, align, cache_teacher, measure
-from fedsoda.commands.model_prep import public_batches
+from fedsoda.align.oda import AlignSettings, align, measure, public_caches
 from fedsoda.models import load
 from fedsoda.surgery.build import make_sub_llm
 from fedsoda.surgery.lora import load_lora_state
@@ -45,12 +44,8 @@ def main() -> None:
         sub = make_sub_llm(full, plan, tmp, tokenizer, seed=base.seed)
         initial = sub.emulator_lora()
         teacher = plug_adapter(copy.deepcopy(full), sub.adapter_lora(), plan)
-        train, _ = public_batches(tokenizer, "validation", base.samples, base.seq_len,
-                                  base.batch_size, args.data_dir, base.seed)
-        held, _ = public_batches(tokenizer, "test", base.heldout, base.seq_len,
-                                 base.batch_size, args.data_dir, base.seed)
         began = time.perf_counter()
-        train_cache, held_cache = cache_teacher(teacher, plan, train), cache_teacher(teacher, plan, held)
+        train_cache, held_cache = public_caches(teacher, plan, tokenizer, base, args.data_dir)
         cache_seconds = time.perf_counter() - began
         before = measure(teacher, sub.model, plan, held_cache)
         results = []

@@ -62,7 +62,7 @@ def _probe(args: argparse.Namespace) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    from fedsoda.data.task import encode_for_training, load_rows
+    from fedsoda.data.task import EncodedExamples, load_rows, pad_id
     from fedsoda.data.tasks import get_task
     from fedsoda.surgery.build import open_sub_llm
     from fedsoda.training import local_train
@@ -72,11 +72,9 @@ def _probe(args: argparse.Namespace) -> dict:
     task = get_task(args.task)
     tokenizer = AutoTokenizer.from_pretrained(Path(args.folder) / "model")
     rows = load_rows(task, task.train_split, args.data_dir)[: args.batch_size * 4]
-    examples = [encode_for_training(tokenizer, task.to_example(r), args.max_tokens,
-                                    not task.is_classification) for r in rows]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    examples = EncodedExamples(task, rows, tokenizer, args.max_tokens)
     local_train(sub.model, sub.adapter_layers, examples, args.steps, args.batch_size, 1e-4, 0.01,
-                0, pad)
+                0, pad_id(tokenizer))
     if torch.cuda.is_available():
         return {"peak_bytes": torch.cuda.max_memory_allocated(), "device": "cuda"}
     return {"peak_bytes": peak_since_window() - baseline, "device": "cpu", "baseline_bytes": baseline}

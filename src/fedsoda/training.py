@@ -17,7 +17,7 @@ from torch.nn import functional as F
 
 from fedsoda.data.task import IGNORE_INDEX
 from fedsoda.models import unwrap
-from fedsoda.surgery.lora import lora_state, set_trainable
+from fedsoda.surgery.lora import lora_state, plain_name, set_trainable
 
 
 def collate(encoded: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -61,8 +61,7 @@ def local_train(model: nn.Module, layers: list[int], examples: Sequence[dict[str
     if not examples:
         raise ValueError("a client with no examples cannot train")
     set_trainable(model, layers)
-    named = {name.removeprefix("base_model.model.").replace(".default.", "."): p
-             for name, p in model.named_parameters() if p.requires_grad}
+    named = {plain_name(name): p for name, p in model.named_parameters() if p.requires_grad}
     anchor = {name: p.detach().clone() for name, p in named.items()}
     optimizer = torch.optim.AdamW(named.values(), lr=lr, betas=(0.9, 0.95))
     rng = random.Random(seed)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from fedsoda.align.losses import alignment_loss, kl_divergence, masked_mse
+from fedsoda.data.public import public_batches
 from fedsoda.models import unwrap
 from fedsoda.surgery.lora import set_trainable
 from fedsoda.surgery.plan import PruningPlan
@@ -185,6 +186,31 @@ def align(teacher: nn.Module, student: nn.Module, plan: PruningPlan, cache: Teac
     student.eval()
     set_trainable(student, [])
     return {"steps": step, "history": history, "seconds": time.perf_counter() - began}
+
+
+def public_caches(teacher: nn.Module, plan: PruningPlan, tokenizer, settings: AlignSettings,
+                  data_dir: str | None) -> tuple[TeacherCache, TeacherCache]:
+    """Teacher caches of the alignment paragraphs (WikiText-2 validation) and of the
+    held-out paragraphs (WikiText-2 test) on which alignment quality is measured."""
+    public, _ = public_batches(tokenizer, "validation", settings.samples, settings.seq_len,
+                               settings.batch_size, data_dir, settings.seed)
+    held, _ = public_batches(tokenizer, "test", settings.heldout, settings.seq_len,
+                             settings.batch_size, data_dir, settings.seed)
+    return cache_teacher(teacher, plan, public), cache_teacher(teacher, plan, held)
+
+
+def pre_align(teacher: nn.Module, student: nn.Module, plan: PruningPlan, public: TeacherCache,
+              heldout: TeacherCache, settings: AlignSettings,
+              on_step: Callable[[int, int, dict[str, float]], None] | None = None) -> dict:
+    """Pre-alignment (``E_p`` epochs), with KL and representation loss measured on the
+    held-out cache before and after."""
+    before = measure(teacher, student, plan, heldout)
+    result = align(teacher, student, plan, public, settings, settings.epochs, on_step=on_step)
+    after = measure(teacher, student, plan, heldout)
+    return {"kl_before": before["kl"], "kl_after": after["kl"], "rep_before": before["rep"],
+            "rep_after": after["rep"],
+            "kl_reduction": 1 - after["kl"] / before["kl"] if before["kl"] else 0.0,
+            "align_steps": result["steps"], "align_seconds": result["seconds"]}
 
 
 def realign_indices(cache: TeacherCache, settings: AlignSettings, round_number: int) -> list[int]:

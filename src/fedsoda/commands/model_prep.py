@@ -10,13 +10,8 @@ from pathlib import Path
 
 import torch
 
-from fedsoda.align.oda import AlignSettings, align, cache_teacher, measure
-from fedsoda.data.public import (
-    sample_paragraphs,
-    texts_hash,
-    tokenize_batches,
-    wikitext_paragraphs,
-)
+from fedsoda.align.oda import AlignSettings, pre_align, public_caches
+from fedsoda.data.public import public_batches
 from fedsoda.models import cache_dir, load, load_config, model_fingerprint
 from fedsoda.surgery.build import make_sub_llm, save_sub_llm
 from fedsoda.surgery.plan import PruneSettings, PruningPlan
@@ -27,12 +22,6 @@ from fedsoda.surgery.similarity import similarity_plan
 
 def _log(message: str) -> None:
     print(f"[fedsoda] {message}", flush=True)
-
-
-def public_batches(tokenizer, split: str, count: int, settings_seq: int, batch_size: int,
-                   data_dir: str | None, seed: int) -> tuple[list[dict], str]:
-    texts = sample_paragraphs(wikitext_paragraphs(split, data_dir), count, seed)
-    return tokenize_batches(tokenizer, texts, settings_seq, batch_size), texts_hash(texts, settings_seq)
 
 
 def plan_cache_path(model_hash: str, data_hash: str, settings: PruneSettings) -> Path:
@@ -83,29 +72,17 @@ def build(model_spec: str, plan_path: str, data_dir: str | None, out: str,
     out_dir.mkdir(parents=True, exist_ok=True)
     sub = make_sub_llm(full, plan, out_dir, tokenizer, device=device, seed=settings.seed)
     teacher = plug_adapter(copy.deepcopy(full), sub.adapter_lora(), plan)
-    train_batches, _ = public_batches(tokenizer, "validation", settings.samples, settings.seq_len,
-                                      settings.batch_size, data_dir, settings.seed)
-    held_batches, _ = public_batches(tokenizer, "test", settings.heldout, settings.seq_len,
-                                     settings.batch_size, data_dir, settings.seed)
-    train_cache = cache_teacher(teacher, plan, train_batches)
-    held_cache = cache_teacher(teacher, plan, held_batches)
-    before = measure(teacher, sub.model, plan, held_cache)
-    _log(f"before alignment: KL {before['kl']:.4f}, rep {before['rep']:.4f}")
+    public, heldout = public_caches(teacher, plan, tokenizer, settings, data_dir)
 
     def progress(step: int, total: int, record: dict) -> None:
         if step == 1 or step % 10 == 0 or step == total:
             _log(f"align step {step}/{total}: loss {record['loss']:.4f} kl {record['kl']:.4f}")
 
-    result = align(teacher, sub.model, plan, train_cache, settings, settings.epochs,
-                   on_step=progress)
-    after = measure(teacher, sub.model, plan, held_cache)
+    aligned = pre_align(teacher, sub.model, plan, public, heldout, settings, on_step=progress)
     sizes = save_sub_llm(sub, out_dir)
     report = {
         "model": model_spec,
-        "kl_before": before["kl"], "kl_after": after["kl"],
-        "rep_before": before["rep"], "rep_after": after["rep"],
-        "kl_reduction": 1 - after["kl"] / before["kl"] if before["kl"] else 0.0,
-        "align_steps": result["steps"], "align_seconds": result["seconds"],
+        **aligned,
         "settings": dataclasses.asdict(settings),
         "heldout": "wikitext2 test",
         "storage_bytes": sizes["client_model_bytes"],
@@ -115,7 +92,8 @@ def build(model_spec: str, plan_path: str, data_dir: str | None, out: str,
     }
     report["storage_ratio_vs_full_bf16"] = report["storage_bytes"] / report["full_model_bf16_bytes"]
     (out_dir / "align.json").write_text(json.dumps(report, indent=2) + "\n")
-    _log(f"after alignment: KL {after['kl']:.4f} ({100 * report['kl_reduction']:.1f}% lower), "
-         f"rep {after['rep']:.4f}; sub-LLM {sizes['client_model_bytes'] / 2**20:.1f} MiB vs full "
+    _log(f"alignment: KL {aligned['kl_before']:.4f} -> {aligned['kl_after']:.4f} "
+         f"({100 * aligned['kl_reduction']:.1f}% lower), rep {aligned['rep_before']:.1f} -> "
+         f"{aligned['rep_after']:.1f}; sub-LLM {sizes['client_model_bytes'] / 2**20:.1f} MiB vs full "
          f"bf16 {report['full_model_bf16_bytes'] / 2**20:.1f} MiB; {report['seconds']:.0f} s")
     return report

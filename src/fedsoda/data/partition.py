@@ -12,6 +12,9 @@ from pathlib import Path
 from datasets import Dataset
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
+from fedsoda.data.task import load_rows
+from fedsoda.data.tasks import get_task
+
 
 @dataclass(frozen=True)
 class PartitionScheme:
@@ -60,6 +63,15 @@ def partition(keys: list[int], clients: int, scheme: PartitionScheme, seed: int 
                                            self_balancing=False, shuffle=True, seed=seed)
     partitioner.dataset = dataset
     return [sorted(partitioner.load_partition(i)["row"]) for i in range(clients)]
+
+
+def task_partitions(task_name: str, clients: int, scheme: str, seed: int,
+                    data_dir: str | Path | None) -> tuple[list[dict], list[list[int]]]:
+    """A task's train rows and their row indices per client (server and clients agree)."""
+    task = get_task(task_name)
+    rows = load_rows(task, task.train_split, data_dir)
+    keys = [task.partition_key(row) for row in rows]
+    return rows, partition(keys, clients, PartitionScheme.parse(scheme), seed)
 
 
 def label_counts(keys: list[int], parts: list[list[int]]) -> list[dict]:

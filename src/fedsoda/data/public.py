@@ -38,6 +38,13 @@ def texts_hash(texts: list[str], seq_len: int) -> str:
     return digest.hexdigest()[:16]
 
 
+def public_batches(tokenizer, split: str, count: int, seq_len: int, batch_size: int,
+                   data_dir: str | Path | None, seed: int) -> tuple[list[dict], str]:
+    """``count`` random WikiText-2 paragraphs of ``split`` as batches, and their content hash."""
+    texts = sample_paragraphs(wikitext_paragraphs(split, data_dir), count, seed)
+    return tokenize_batches(tokenizer, texts, seq_len, batch_size), texts_hash(texts, seq_len)
+
+
 def tokenize_batches(tokenizer, texts: list[str], seq_len: int, batch_size: int) -> list[dict]:
     """Right-padded ``input_ids``/``attention_mask`` batches, each text cut to ``seq_len``."""
     batches = []

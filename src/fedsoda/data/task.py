@@ -73,6 +73,11 @@ def raise_missing(task: Task, split: str, error: Exception) -> None:
         raise missing from error
 
 
+def pad_id(tokenizer) -> int:
+    """The id used for padding (masked out everywhere): pad, else end-of-sequence."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def special_prefix(tokenizer) -> list[int]:
     """Token ids the tokenizer puts before any text (BOS for Llama-3/Gemma, none for SmolLM2)."""
     return list(tokenizer("", add_special_tokens=True)["input_ids"])

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from fedsoda.data.gsm8k import extract_answer
-from fedsoda.data.task import Example, encode_prompt
+from fedsoda.data.task import Example, encode_prompt, pad_id
 
 
 @torch.no_grad()
@@ -17,7 +17,7 @@ def greedy_answers(model: nn.Module, tokenizer, examples: list[Example], shots_p
                                                 e.answer, e.label), max_tokens, max_new_tokens)
                for e in examples]
     width = max(map(len, prompts))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for row, prompt in enumerate(prompts):  # left padding: generation continues every row

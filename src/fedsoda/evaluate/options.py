@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fedsoda.data.task import Example, encode_prompt
+from fedsoda.data.task import Example, encode_prompt, pad_id
 from fedsoda.models import unwrap
 
 
@@ -56,7 +56,7 @@ def option_scores(model: nn.Module, tokenizer, examples: list[Example], options:
     """Log-likelihood of every option for every example (rows: examples, cols: options)."""
     option_ids = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in options]
     longest = max(map(len, option_ids))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     if longest == 1:  # every option is one token: one forward of the prompt scores them all
         prompts = [encode_prompt(tokenizer, example, max_tokens, reserve=1) for example in examples]
         logprobs = next_token_logprobs(model, prompts, pad)[:, [ids[0] for ids in option_ids]]

@@ -18,8 +18,8 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedsoda.data.partition import PartitionScheme, partition
-from fedsoda.data.task import EncodedExamples, load_rows
+from fedsoda.data.partition import task_partitions
+from fedsoda.data.task import EncodedExamples, pad_id
 from fedsoda.data.tasks import get_task
 from fedsoda.federated.messages import from_record, to_record, write_files
 from fedsoda.models import cache_dir
@@ -57,12 +57,10 @@ def _examples(task_name: str, data_dir: str | None, clients: int, scheme: str, s
               partition_index: int, max_tokens: int, tokenizer_folder: str) -> EncodedExamples:
     from transformers import AutoTokenizer
 
-    task = get_task(task_name)
-    rows = load_rows(task, task.train_split, data_dir)
-    parts = partition([task.partition_key(r) for r in rows], clients,
-                      PartitionScheme.parse(scheme), seed)
+    rows, parts = task_partitions(task_name, clients, scheme, seed, data_dir)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
-    return EncodedExamples(task, [rows[i] for i in parts[partition_index]], tokenizer, max_tokens)
+    mine = [rows[i] for i in parts[partition_index]]
+    return EncodedExamples(get_task(task_name), mine, tokenizer, max_tokens)
 
 
 @app.query("hello")
@@ -114,8 +112,7 @@ def train(message: Message, context: Context) -> Message:
 def sub_pad_id(folder: Path) -> int:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(folder / "model")
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return pad_id(AutoTokenizer.from_pretrained(folder / "model"))
 
 
 def train_config(**values) -> ConfigRecord:

@@ -18,6 +18,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from fedsoda.data.partition import task_partitions
 from fedsoda.data.tasks import get_task
 from fedsoda.evaluate.tasks import evaluation_rows
 from fedsoda.federated.checkpoint import ServerState, load_checkpoint, save_checkpoint
@@ -185,13 +186,7 @@ def run_server(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict:
 
 
 def _partition_sizes(cfg: RunConfig) -> dict[int, int]:
-    from fedsoda.data.partition import PartitionScheme, partition
-    from fedsoda.data.task import load_rows
-
-    task = get_task(cfg.task)
-    rows = load_rows(task, task.train_split, cfg.data_folder)
-    parts = partition([task.partition_key(r) for r in rows], cfg.clients,
-                      PartitionScheme.parse(cfg.partition), cfg.seed)
+    _, parts = task_partitions(cfg.task, cfg.clients, cfg.partition, cfg.seed, cfg.data_folder)
     return {pid: len(part) for pid, part in enumerate(parts)}
 
 

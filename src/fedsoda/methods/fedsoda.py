@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fedsoda.align.oda import AlignSettings, TeacherCache, align, cache_teacher, measure, realign_indices
-from fedsoda.commands.model_prep import prune, public_batches
+from fedsoda.align import oda
+from fedsoda.align.oda import AlignSettings, TeacherCache, align, public_caches, realign_indices
+from fedsoda.commands.model_prep import prune
 from fedsoda.evaluate.tasks import evaluate
 from fedsoda.models import load
 from fedsoda.surgery.build import SubLLM, make_sub_llm, open_sub_llm, save_sub_llm
@@ -67,20 +68,12 @@ def prepare(model_spec: str, prune_settings: PruneSettings, settings: AlignSetti
     full_bf16_bytes = dense_bytes(full, 2)
     teacher = plug_adapter(copy.deepcopy(full), sub.adapter_lora(), sub.plan)
     del full
-    public, _ = public_batches(tokenizer, "validation", settings.samples, settings.seq_len,
-                               settings.batch_size, data_dir, settings.seed)
-    held, _ = public_batches(tokenizer, "test", settings.heldout, settings.seq_len,
-                             settings.batch_size, data_dir, settings.seed)
+    public, heldout = public_caches(teacher, sub.plan, tokenizer, settings, data_dir)
     models = ServerModels(teacher=teacher, sub=sub, tokenizer=tokenizer, folder=folder,
-                          public=cache_teacher(teacher, sub.plan, public),
-                          heldout=cache_teacher(teacher, sub.plan, held), sizes={},
+                          public=public, heldout=heldout, sizes={},
                           full_bf16_bytes=full_bf16_bytes)
     if pre_align:
-        before = measure(teacher, sub.model, sub.plan, models.heldout)
-        result = align(teacher, sub.model, sub.plan, models.public, settings, settings.epochs)
-        after = measure(teacher, sub.model, sub.plan, models.heldout)
-        report = {"kl_before": before["kl"], "kl_after": after["kl"], "rep_before": before["rep"],
-                  "rep_after": after["rep"], "align_seconds": result["seconds"]}
+        report = oda.pre_align(teacher, sub.model, sub.plan, public, heldout, settings)
         (out / "align.json").write_text(json.dumps(report, indent=2) + "\n")
     models.sizes.update(save_sub_llm(sub, folder))
     return models

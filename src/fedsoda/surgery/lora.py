@@ -55,14 +55,14 @@ def layer_of(name: str) -> int:
     return int(match.group(1))
 
 
-def _plain_name(name: str) -> str:
+def plain_name(name: str) -> str:
     """``base_model.model.model.layers.3.self_attn.q_proj.lora_A.default.weight`` ->
     ``model.layers.3.self_attn.q_proj.lora_A.weight``."""
     return name.removeprefix("base_model.model.").replace(".default.", ".")
 
 
 def _lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    return {_plain_name(name): param for name, param in model.named_parameters()
+    return {plain_name(name): param for name, param in model.named_parameters()
             if ".lora_A." in name or ".lora_B." in name}
 
 
