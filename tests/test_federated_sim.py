@@ -145,3 +145,30 @@ def test_bad_replies_are_rejected_and_logged(tiny_model_dir, shared_data, tmp_pa
     assert "non-finite" in reasons[0] and "shape" in reasons[1] and "outside" in reasons[2]
     assert 3 not in reasons and summary["rejected_replies"] == 3
     assert summary["accuracy"] is not None
+
+
+@pytest.mark.parametrize("method", ["fedpetuning", "fedot", "fedbiot"])
+def test_baselines_run_on_the_same_runtime_and_send_what_their_recipe_says(
+        method, tiny_model_dir, shared_data, tmp_path):
+    out = tmp_path / method
+    cfg = tiny_config(tiny_model_dir, shared_data, out, method=method, eval_every=0,
+                      realign_every={"fedbiot": 1, "fedot": 0, "fedpetuning": 0}[method],
+                      prune=PruneSettings(n=2, p=2, adapter_layers=3, samples=8, seq_len=32))
+    summary = simulate(cfg)
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    adapter = load_file(str(out / "checkpoint" / "adapter.safetensors"))
+    emulator = load_file(str(out / "checkpoint" / "emulator.safetensors"))
+    layers = {int(k.split(".layers.")[1].split(".")[0]) for k in adapter}
+    assert layers == {"fedpetuning": set(range(10)), "fedot": {0, 4, 5},
+                      "fedbiot": {3, 4, 5}}[method]
+    assert summary["pruning"] is (method != "fedpetuning")
+    assert (out / "align.json").exists() is (method != "fedpetuning")
+    one_round = 2 * npy_bytes(adapter.values())  # two clients, down
+    assert rounds[0]["bytes_up"] == one_round
+    assert rounds[0]["bytes_down"] == one_round  # the delivery carried the pre-aligned emulator
+    # FedBiOT realigns after round 1 and sends every kept emulator layer's LoRA with round 2.
+    extra = 2 * npy_bytes(emulator.values()) if method == "fedbiot" else 0
+    assert rounds[1]["bytes_down"] == one_round + extra
+    assert [r["realigned"] for r in rounds] == ([True, False] if method == "fedbiot" else [False, False])
+    if method == "fedbiot":
+        assert {int(k.split(".layers.")[1].split(".")[0]) for k in emulator} == {0, 1, 2}

@@ -87,6 +87,24 @@ def _add_run(commands) -> None:
         parser.add_argument(f"--{flag}", type=kind, default=None)
 
 
+def _add_compare(commands) -> None:
+    parser = commands.add_parser("compare", help="run every method on the same data and seeds; "
+                                                 "write the comparison table and plot")
+    parser.add_argument("config", nargs="?", default=None, help="TOML config shared by all runs")
+    parser.add_argument("--task", default="sst2", choices=["sst2", "boolq", "gsm8k"])
+    parser.add_argument("--methods", default="fedpetuning,fedot,fedbiot,fedsoda")
+    parser.add_argument("--partition", default=None, help="iid | dirichlet:BETA")
+    parser.add_argument("--seeds", default="0", help="comma-separated, e.g. 0,1,2")
+    for flag in ("rounds", "clients", "clients-per-round", "eval-every", "eval-limit"):
+        parser.add_argument(f"--{flag}", type=int, default=None)
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--out", required=True)
+    report = commands.add_parser("report", help="the comparison table and plot of finished runs")
+    report.add_argument("runs", nargs="+", help="run folders (with summary.json)")
+    report.add_argument("--out", default=None, help="default: the first run's parent folder")
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="fedsoda", description=__doc__)
     commands = root.add_subparsers(dest="command", required=True)
@@ -95,6 +113,7 @@ def parser() -> argparse.ArgumentParser:
     _add_data(commands)
     _add_eval(commands)
     _add_run(commands)
+    _add_compare(commands)
     return root
 
 
@@ -120,6 +139,14 @@ def run(args: argparse.Namespace) -> None:
         from fedsoda.commands.run import run_command
 
         run_command(args)
+    elif args.command == "compare":
+        from fedsoda.commands.compare import compare_command
+
+        compare_command(args)
+    elif args.command == "report":
+        from fedsoda.commands.compare import report_command
+
+        report_command(args)
     elif args.command == "eval":
         data_eval.eval_command(args.model, args.adapter, args.task, args.limit, args.batch_size,
                                args.data_dir, args.out, args.dtype)

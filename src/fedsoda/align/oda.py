@@ -1,7 +1,8 @@
 """Orchestrated distillation alignment: keep the sub-LLM faithful to the full LLM.
 
 Teacher: the full LLM with the current global adapter LoRA. Student: the NF4 sub-LLM with the
-same adapter LoRA; only the emulator LoRA (on the kept window starts ``s_i``) is trained.
+same adapter LoRA; only the emulator LoRA is trained (FedSODA: on the kept window starts
+``s_i``; FedOT and FedBiOT: on every kept emulator layer).
 
 The teacher's emulator (layers ``0..L_E-1``) is frozen and does not depend on the adapter
 LoRA, so its activations are computed once per public batch and cached. Only the teacher's
@@ -149,14 +150,17 @@ def measure(teacher: nn.Module, student: nn.Module, plan: PruningPlan,
 
 def align(teacher: nn.Module, student: nn.Module, plan: PruningPlan, cache: TeacherCache,
           settings: AlignSettings, epochs: int, batch_indices: list[int] | None = None,
-          on_step: Callable[[int, int, dict[str, float]], None] | None = None) -> dict:
+          on_step: Callable[[int, int, dict[str, float]], None] | None = None,
+          lora_layers: list[int] | None = None) -> dict:
     """Train only the emulator LoRA of ``student`` towards ``teacher`` for ``epochs``.
 
+    ``lora_layers`` are the sub-LLM layers whose LoRA trains (default: the window starts).
     Pre-alignment uses every cached batch; realignment passes a random subset of indices.
     Returns the loss history and the time taken.
     """
     layout = Layout.of(plan)
-    params = set_trainable(student, list(layout.emulator_lora_layers))
+    params = set_trainable(student, list(layout.emulator_lora_layers if lora_layers is None
+                                         else lora_layers))
     if not params:
         raise ValueError("the student has no emulator LoRA to train (p = 0?)")
     optimizer = torch.optim.AdamW(params, lr=settings.lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -201,11 +205,13 @@ def public_caches(teacher: nn.Module, plan: PruningPlan, tokenizer, settings: Al
 
 def pre_align(teacher: nn.Module, student: nn.Module, plan: PruningPlan, public: TeacherCache,
               heldout: TeacherCache, settings: AlignSettings,
-              on_step: Callable[[int, int, dict[str, float]], None] | None = None) -> dict:
+              on_step: Callable[[int, int, dict[str, float]], None] | None = None,
+              lora_layers: list[int] | None = None) -> dict:
     """Pre-alignment (``E_p`` epochs), with KL and representation loss measured on the
     held-out cache before and after."""
     before = measure(teacher, student, plan, heldout)
-    result = align(teacher, student, plan, public, settings, settings.epochs, on_step=on_step)
+    result = align(teacher, student, plan, public, settings, settings.epochs, on_step=on_step,
+                   lora_layers=lora_layers)
     after = measure(teacher, student, plan, heldout)
     return {"kl_before": before["kl"], "kl_after": after["kl"], "rep_before": before["rep"],
             "rep_after": after["rep"],

@@ -28,16 +28,22 @@ def run_command(args: argparse.Namespace) -> dict:
             "method", "model", "task", "clients", "clients_per_round", "rounds", "local_steps",
             "batch_size", "lr", "mu", "realign_every", "partition", "seed", "eval_every",
             "eval_limit", "data_dir", "out")}
-        if not flags["data_dir"] and os.environ.get("FEDSODA_DATA_DIR"):
-            flags["data_dir"] = os.environ["FEDSODA_DATA_DIR"]
         if args.quick and not flags["out"]:
             flags["out"] = "runs/quick"
         overrides = (QUICK if args.quick else []) + list(args.set)
         cfg = load_config(args.config, overrides, **flags)
-    if cfg.data_dir:  # clients run in other processes, whose working folder may differ
-        cfg = dataclasses.replace(cfg, data_dir=str(Path(cfg.data_dir).expanduser().resolve()))
+    cfg = with_data_dir(cfg)
     from fedsoda.federated.simulation import simulate  # flwr and ray load only now
 
     summary = simulate(cfg, resume=bool(args.resume))
     print(json.dumps(summary, indent=2))
     return summary
+
+
+def with_data_dir(cfg):
+    """The data folder as an absolute path (``FEDSODA_DATA_DIR`` if the config names none):
+    clients run in other processes, whose working folder may differ."""
+    data_dir = cfg.data_dir or os.environ.get("FEDSODA_DATA_DIR", "")
+    if data_dir:
+        cfg = dataclasses.replace(cfg, data_dir=str(Path(data_dir).expanduser().resolve()))
+    return cfg

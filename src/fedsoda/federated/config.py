@@ -21,9 +21,10 @@ import tomli_w
 
 from fedsoda.align.oda import AlignSettings
 from fedsoda.data.partition import PartitionScheme
+from fedsoda.methods import RECIPES, get_recipe
 from fedsoda.surgery.plan import PruneSettings
 
-METHODS = ("fedsoda",)
+METHODS = tuple(RECIPES)
 TASKS = ("sst2", "boolq", "gsm8k")
 
 
@@ -41,7 +42,7 @@ class RunConfig:
     batch_size: int = 8
     lr: float = 1e-4  # client AdamW (0.9, 0.95)
     mu: float = 0.01  # FedProx proximal weight
-    realign_every: int = 5  # r; 0 turns realignment off
+    realign_every: int = 5  # r (FedSODA); 0 turns realignment off; FedOT/FedBiOT fix their own
     partition: str = "iid"  # iid | dirichlet:BETA
     seed: int = 0
     max_tokens: int = 256  # training sequence length (prompt + answer)
@@ -140,9 +141,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 f.name for f in dataclasses.fields(owner)}:
             raise ValueError(f"unknown config key {key!r}")
         pairs[key] = _coerce(value, getattr(owner, field_name))
-    return _apply(config, pairs)
+    return with_method_schedule(_apply(config, pairs))
 
 
 def config_from_flat(values: dict) -> RunConfig:
     """A config from Flower's flat run config (``prune.n``-style keys for nested settings)."""
-    return _apply(RunConfig(), values)
+    return with_method_schedule(_apply(RunConfig(), values))
+
+
+def with_method_schedule(config: RunConfig) -> RunConfig:
+    """The realignment period the method runs with: FedOT never realigns, FedBiOT every round."""
+    recipe = get_recipe(config.method)
+    return dataclasses.replace(config, realign_every=recipe.realign_every(config.realign_every))

@@ -81,14 +81,16 @@ def plot_curve(metrics: list[dict], path: Path, title: str) -> None:
 
 def write_summary(cfg, out: Path, models, state, task, rows, wall_seconds: float) -> dict:
     from fedsoda.accounting import client_peak_memory
-    from fedsoda.methods import fedsoda
+    from fedsoda.methods import server_models
 
-    fedsoda.export_adapter(models, out / "adapter")
+    server_models.export_adapter(models, out / "adapter")
     metrics = state.metrics
     final = next((m["accuracy"] for m in reversed(metrics) if "accuracy" in m), None)
-    sub = fedsoda.evaluate_sub(models, task, rows, cfg.data_folder)["accuracy"]
+    sub = server_models.evaluate_sub(models, task, rows, cfg.data_folder)["accuracy"]
     summary = {
-        "method": cfg.method, "model": cfg.model, "task": cfg.task, "rounds": cfg.rounds,
+        "method": cfg.method, **models.recipe.columns, "realign_every": cfg.realign_every,
+        "partition": cfg.partition, "seed": cfg.seed,
+        "model": cfg.model, "task": cfg.task, "rounds": cfg.rounds,
         "clients": cfg.clients, "clients_per_round": cfg.clients_per_round,
         "accuracy": final, "accuracy_sub": sub, "eval_examples": len(rows),
         "trainable_params": sum(t.numel() for t in state.adapter.values()),

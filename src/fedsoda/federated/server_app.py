@@ -1,4 +1,5 @@
-"""The FedSODA ServerApp: prepare the models, then run Algorithm 2 round by round.
+"""The ServerApp: prepare the models of the run's method, then run round by round
+(FedSODA's Algorithm 2; the baselines differ only in their recipe, see ``fedsoda.methods``).
 
 Each round: sample clients, send the sub-LLM to those that lack it (once), send the global
 adapter LoRA (and the emulator LoRA to clients whose copy is older than the latest
@@ -27,18 +28,23 @@ from fedsoda.federated.config import RunConfig, config_from_flat
 from fedsoda.federated.messages import files_record, from_record, record_bytes, to_record
 from fedsoda.federated.report import RoundLog, write_summary
 from fedsoda.federated.screening import screen_update
-from fedsoda.methods import fedsoda
+from fedsoda.methods import get_recipe, server_models
 from fedsoda.surgery.lora import load_lora_state
 from fedsoda.training import fedavg
 
 log = logging.getLogger("fedsoda.server")
 
 
-def folder_hash(folder: Path) -> str:
+def client_model_hash(folder: Path) -> str:
+    """Content hash of what a client holds: the weights and the LoRA layout and plan.
+
+    The layout counts: two runs can share the same pruned weights (same kept layers) but put
+    the adapter LoRA on different layers.
+    """
     digest = hashlib.sha256()
-    for path in sorted(folder.iterdir()):
-        if path.is_file():
-            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    files = [p for p in sorted((folder / "model").iterdir()) if p.is_file()]
+    for path in files + [folder / "lora.json", folder / "plan.json"]:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
 
 
@@ -68,7 +74,7 @@ def handshake(grid: Grid, nodes: list[int], model_hash: str) -> tuple[dict[int, 
     return by_partition, holding
 
 
-def deliver(grid: Grid, nodes: list[int], models: fedsoda.ServerModels, model_hash: str,
+def deliver(grid: Grid, nodes: list[int], models: server_models.ServerModels, model_hash: str,
             emulator: dict) -> int:
     """Send the sub-LLM files (one-time download); returns the bytes sent."""
     if not nodes:
@@ -104,11 +110,12 @@ def train_round(grid: Grid, cfg: RunConfig, state: ServerState, sampled: list[in
             round_log.down(content["emulator"])
             state.holders[str(pid)] = state.emulator_version
         messages.append(Message(content, dst_node_id=node_of[pid], message_type="train"))
-    accepted = []
+    accepted, errors = [], []
     partition_of = {node: pid for pid, node in node_of.items()}
     for reply in grid.send_and_receive(messages):
         pid = partition_of.get(reply.metadata.src_node_id, -1)
         if reply.has_error():
+            errors.append(reply.error.reason)
             round_log.reject(pid, f"client error: {reply.error.reason}")
             continue
         update = from_record(reply.content["adapter"])
@@ -120,6 +127,11 @@ def train_round(grid: Grid, cfg: RunConfig, state: ServerState, sampled: list[in
             continue
         round_log.loss(float(metrics["train_loss"]), float(metrics["num_examples"]))
         accepted.append((update, float(metrics["num_examples"]), pid))
+    if errors and len(errors) == len(messages):
+        # Every client crashed: a setup problem, not a bad client; going on would only
+        # burn the remaining rounds on the unchanged adapter.
+        raise RuntimeError(f"round {state.round + 1}: all {len(errors)} clients failed; the "
+                           f"first error: {errors[0][-1500:]}")
     return sorted(accepted, key=lambda item: item[2])  # fixed order: bitwise-reproducible sums
 
 
@@ -137,14 +149,14 @@ def run_server(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict:
         state = load_checkpoint(out / "checkpoint")
     else:
         cfg.save(out / "config.toml")
-    models = fedsoda.prepare(cfg.model, cfg.prune, cfg.align, cfg.data_folder, out,
-                             pre_align=not resume)
+    models = server_models.prepare(get_recipe(cfg.method), cfg.model, cfg.prune, cfg.align,
+                                   cfg.data_folder, out, pre_align=not resume)
     if not resume:
         state = ServerState(adapter=models.sub.adapter_lora(), emulator=models.sub.emulator_lora(),
                             emulator_version=0)
-    fedsoda.set_global_adapter(models, state.adapter)
+    server_models.set_global_adapter(models, state.adapter)
     load_lora_state(models.sub.model, state.emulator)
-    model_hash = folder_hash(models.folder / "model")
+    model_hash = client_model_hash(models.folder)
     task = get_task(cfg.task)
     rows = evaluation_rows(task, cfg.data_folder, cfg.eval_limit or None)
     node_of, holding = handshake(grid, wait_for_nodes(grid, cfg.clients), model_hash)
@@ -163,16 +175,16 @@ def run_server(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict:
         accepted = train_round(grid, cfg, state, sampled, node_of, model_hash, sizes, round_log)
         if accepted:
             state.adapter = fedavg([a[0] for a in accepted], [a[1] for a in accepted])
-        fedsoda.set_global_adapter(models, state.adapter)
+        server_models.set_global_adapter(models, state.adapter)
         state.round += 1
         realigned = bool(cfg.realign_every) and state.round % cfg.realign_every == 0 \
             and state.round < cfg.rounds
         if realigned:
-            state.emulator = fedsoda.realign(models, cfg.align, state.round)["emulator"]
+            state.emulator = server_models.realign(models, cfg.align, state.round)["emulator"]
             state.emulator_version += 1
         accuracy = None
         if state.round == cfg.rounds or (cfg.eval_every and state.round % cfg.eval_every == 0):
-            accuracy = fedsoda.evaluate_full(models, task, rows, cfg.data_folder)["accuracy"]
+            accuracy = server_models.evaluate_full(models, task, rows, cfg.data_folder)["accuracy"]
         entry = round_log.finish(accuracy, realigned, time.perf_counter() - round_began,
                                  submodel_bytes)
         state.metrics.append(entry)

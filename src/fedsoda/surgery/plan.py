@@ -1,7 +1,8 @@
 """The pruning plan of similarity group pruning (FedSODA Algorithm 1).
 
-Layout of the full model with ``L`` decoder layers: the emulator is layers ``0..L_E-1`` and
-the adapter the last ``L_A`` layers. A candidate group is a window ``[l, l+n]`` inside the
+Layout of the full model with ``L`` decoder layers: the adapter is the last ``L_A`` layers
+(and, for FedOT, also the first ``first_adapter_layers``); the emulator is everything between,
+layers ``F..L_E-1`` with ``L_E = L - L_A``. A candidate group is a window ``[l, l+n]`` inside the
 emulator; the plan removes ``l+1..l+n`` from each of ``p`` pairwise disjoint windows and keeps
 ``l``. The windows are the ``p`` disjoint ones with the least summed distance, chosen exactly.
 """
@@ -101,14 +102,22 @@ class PruningPlan:
     seconds: float = 0.0
     model_hash: str = ""
     data_hash: str = ""
-    method: str = "sgp"  # "sgp" or "uniform"
+    method: str = "sgp"  # "sgp", "uniform" (layer dropping) or "none" (full model)
+    first_adapter_layers: int = 0  # FedOT trains the first layer too
 
     def __post_init__(self) -> None:
         self.validate()
 
     @property
     def emulator_layers(self) -> int:
+        """End of the emulator: layers ``first_adapter_layers..emulator_layers-1``."""
         return self.num_layers - self.adapter_layers
+
+    @property
+    def full_adapter_layers(self) -> list[int]:
+        """Full-model indices of the adapter layers (bottom ones first)."""
+        return (list(range(self.first_adapter_layers))
+                + list(range(self.emulator_layers, self.num_layers)))
 
     @property
     def removed_layers(self) -> list[int]:
@@ -132,8 +141,14 @@ class PruningPlan:
 
     @property
     def sub_adapter_layers(self) -> list[int]:
-        """Sub-LLM indices of the adapter layers (the last ``adapter_layers``)."""
-        return list(range(self.sub_num_layers - self.adapter_layers, self.sub_num_layers))
+        """Sub-LLM indices of the adapter layers (bottom ones, then the last ``adapter_layers``)."""
+        return (list(range(self.first_adapter_layers))
+                + list(range(self.sub_num_layers - self.adapter_layers, self.sub_num_layers)))
+
+    @property
+    def sub_emulator_layers(self) -> list[int]:
+        """Sub-LLM indices of the kept emulator layers."""
+        return list(range(self.first_adapter_layers, self.sub_num_layers - self.adapter_layers))
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -165,13 +180,17 @@ class PruningPlan:
 
     def validate(self) -> None:
         """Reject a plan whose groups overlap, leave the emulator, or break the layout."""
-        if self.adapter_layers < 1 or self.adapter_layers >= self.num_layers:
-            raise ValueError(f"plan has adapter_layers={self.adapter_layers} of {self.num_layers}")
-        last = -1
+        bottom = self.first_adapter_layers
+        if self.adapter_layers < 1 or bottom < 0 or self.adapter_layers + bottom > self.num_layers:
+            raise ValueError(f"plan has adapter_layers={self.adapter_layers} and "
+                             f"first_adapter_layers={bottom} of {self.num_layers}")
+        if self.p and self.adapter_layers + bottom == self.num_layers:
+            raise ValueError("a plan that prunes needs emulator layers between the adapter layers")
+        last = bottom - 1
         for start, end in sorted(self.groups):
             if end - start != self.n or start <= last or end > self.emulator_layers - 1:
                 raise ValueError(f"plan group [{start}, {end}] is not a disjoint window of "
-                                 f"n={self.n} inside emulator layers 0..{self.emulator_layers - 1}")
+                                 f"n={self.n} inside emulator layers {bottom}..{self.emulator_layers - 1}")
             last = end
         if len(self.groups) != self.p:
             raise ValueError(f"plan has {len(self.groups)} groups but p={self.p}")
@@ -185,6 +204,8 @@ def uniform_groups(num_layers: int, adapter_layers: int, n: int, p: int,
     """
     lo, hi = first_adapter_layers, num_layers - adapter_layers  # emulator is [lo, hi)
     span = hi - lo
+    if p == 0:
+        return []
     if p * (n + 1) > span:
         raise ValueError(f"{p} windows of {n + 1} layers do not fit in {span} emulator layers")
     stride = span / p
@@ -194,3 +215,19 @@ def uniform_groups(num_layers: int, adapter_layers: int, n: int, p: int,
         start = max(start, groups[-1][1] + 1 if groups else lo)
         groups.append([start, start + n])
     return groups
+
+
+def uniform_plan(model: str, num_layers: int, adapter_layers: int, n: int, p: int,
+                 first_adapter_layers: int = 0) -> PruningPlan:
+    """The plan of Offsite-tuning layer dropping (FedOT, FedBiOT): same ``n`` and ``p`` as SGP,
+    windows spread evenly instead of chosen by similarity."""
+    groups = uniform_groups(num_layers, adapter_layers, n, p, first_adapter_layers)
+    return PruningPlan(model=model, num_layers=num_layers, adapter_layers=adapter_layers, n=n,
+                       p=p, token="", samples=0, groups=groups, method="uniform",
+                       first_adapter_layers=first_adapter_layers)
+
+
+def unpruned_plan(model: str, num_layers: int) -> PruningPlan:
+    """No pruning, every layer trained (FedPETuning): the "sub-LLM" is the full model."""
+    return PruningPlan(model=model, num_layers=num_layers, adapter_layers=num_layers, n=1, p=0,
+                       token="", samples=0, method="none")

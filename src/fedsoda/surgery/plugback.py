@@ -1,7 +1,8 @@
 """Plug the adapter LoRA trained on the sub-LLM back into the full LLM, and export it.
 
-The sub-LLM's adapter layers are the full model's last ``L_A`` layers, so the LoRA tensors
-move by layer name: sub-LLM layer ``i`` is full-model layer ``plan.kept_layers[i]``.
+The sub-LLM's adapter layers are full-model layers too (the last ``L_A``, and FedOT's first),
+so the LoRA tensors move by layer name: sub-LLM layer ``i`` is full-model layer
+``plan.kept_layers[i]``.
 """
 
 from __future__ import annotations
@@ -16,10 +17,6 @@ from fedsoda.surgery.lora import LoraSpec, attach_lora, load_lora_state, rename_
 from fedsoda.surgery.plan import PruningPlan
 
 
-def full_adapter_layers(plan: PruningPlan) -> list[int]:
-    return list(range(plan.num_layers - plan.adapter_layers, plan.num_layers))
-
-
 def to_full_names(adapter_state: dict[str, torch.Tensor], plan: PruningPlan) -> dict[str, torch.Tensor]:
     """Rename adapter LoRA keys from sub-LLM layer indices to full-model indices."""
     mapping = {sub: plan.kept_layers[sub] for sub in plan.sub_adapter_layers}
@@ -28,8 +25,8 @@ def to_full_names(adapter_state: dict[str, torch.Tensor], plan: PruningPlan) -> 
 
 def plug_adapter(full_model: nn.Module, adapter_state: dict[str, torch.Tensor],
                  plan: PruningPlan, spec: LoraSpec = LoraSpec()) -> PeftModel:
-    """The full LLM wrapped with LoRA on its last ``L_A`` layers, holding the adapter LoRA."""
-    peft_model = attach_lora(full_model, full_adapter_layers(plan), spec)
+    """The full LLM wrapped with LoRA on its adapter layers, holding the adapter LoRA."""
+    peft_model = attach_lora(full_model, plan.full_adapter_layers, spec)
     load_lora_state(peft_model, to_full_names(adapter_state, plan))
     return peft_model
 

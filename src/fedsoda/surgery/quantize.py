@@ -59,6 +59,33 @@ def load_nf4(folder: Path | str, device: str = "cpu") -> nn.Module:
     return keep_cpu_weights_trainable(model)
 
 
+QUANTIZATIONS = ("nf4", "bf16")
+
+
+def save_client_weights(model: nn.Module, folder: Path | str, quantization: str,
+                        tokenizer=None) -> Path:
+    """Store a client model as clients hold it: NF4 (FedSODA) or 16-bit (the baselines)."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    if quantization == "nf4":
+        return save_nf4(model, folder, tokenizer)
+    folder = Path(folder)
+    model.to(torch.bfloat16).save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
+def load_client_weights(folder: Path | str, quantization: str, device: str = "cpu") -> nn.Module:
+    """Load a stored client model; 16-bit models run in bf16 (LoRA tensors stay float32)."""
+    if quantization == "nf4":
+        return load_nf4(folder, device)
+    folder = Path(folder)
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{folder} holds no saved model (no config.json)")
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map=device)
+
+
 def quantize_nf4(model: nn.Module, device: str = "cpu") -> nn.Module:
     """NF4 copy of ``model`` in memory (save and load through a temporary folder)."""
     with tempfile.TemporaryDirectory(prefix="fedsoda-nf4-") as tmp:

@@ -1,0 +1,153 @@
+"""The comparison table (the FedSODA paper's Table 2 layout) and plots, from finished runs.
+
+A run folder holds ``summary.json`` and ``metrics.jsonl`` (written by `fedsoda run`); runs of
+the same method (different seeds) are pooled into a mean and a spread.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+ORDER = ("fedpetuning", "fedot", "fedbiot", "fedsoda")
+NAMES = {"fedpetuning": "FedPETuning", "fedot": "FedOT", "fedbiot": "FedBiOT", "fedsoda": "FedSODA"}
+
+
+def read_run(folder: Path | str) -> dict:
+    """A finished run: its summary and its per-round metrics."""
+    folder = Path(folder)
+    summary_path = folder / "summary.json"
+    if not summary_path.is_file():
+        raise FileNotFoundError(f"{folder} is not a finished run (no summary.json); finish it "
+                                f"with `fedsoda run --resume {folder}`")
+    metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()
+               if line.strip()]
+    return {"folder": str(folder), "summary": json.loads(summary_path.read_text()),
+            "metrics": metrics}
+
+
+def _mean_spread(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def per_client_comm(summary: dict) -> float:
+    """Parameters one client sends and receives in a mean round (the paper's per-round count)."""
+    return summary["comm_params_per_round"] / summary["clients_per_round"]
+
+
+def table_rows(runs: list[dict]) -> list[dict]:
+    """One row per method: accuracy mean and spread over seeds, and the cost columns."""
+    by_method: dict[str, list[dict]] = defaultdict(list)
+    for run in runs:
+        by_method[run["summary"]["method"]].append(run["summary"])
+    settings = {(s["task"], s["model"], s.get("partition"), s["rounds"]) for s in
+                (r["summary"] for r in runs)}
+    if len(settings) > 1:
+        raise ValueError(f"runs differ in task, model, partition or rounds: {sorted(map(str, settings))}; "
+                         "compare runs of one setting at a time")
+    rows = []
+    for method in sorted(by_method, key=lambda m: ORDER.index(m) if m in ORDER else len(ORDER)):
+        group = by_method[method]
+        accuracy = _mean_spread([s["accuracy"] for s in group])
+        sub = _mean_spread([s["accuracy_sub"] for s in group])
+        first = group[0]
+        rows.append({
+            "method": method, "seeds": sorted(s.get("seed", 0) for s in group),
+            "pruning": first.get("pruning"), "pre_align": first.get("pre_align"),
+            "realign": first.get("realign"), "accuracy": accuracy[0], "accuracy_spread": accuracy[1],
+            "accuracy_sub": sub[0], "accuracy_sub_spread": sub[1],
+            "trainable_params": first["trainable_params"],
+            "comm_params_per_round_per_client": statistics.fmean(per_client_comm(s) for s in group),
+            "comm_bytes_total": statistics.fmean(s["comm_bytes_total"] for s in group),
+            "client_model_bytes": first["client_model_bytes"],
+            "client_peak_memory_bytes": statistics.fmean(s["client_peak_memory_bytes"] for s in group),
+            "wall_seconds": statistics.fmean(s["wall_seconds"] for s in group),
+        })
+    return rows
+
+
+def _count(value: float) -> str:
+    return f"{value / 1e6:.2f}M" if value >= 1e6 else f"{value / 1e3:.1f}K"
+
+
+def _size(value: float) -> str:
+    return f"{value / 2**20:.1f} MiB"
+
+
+def markdown_table(rows: list[dict], runs: list[dict]) -> str:
+    """Table 2 of the FedSODA paper, for our model: one line per method."""
+    first = runs[0]["summary"]
+    mark = {True: "✓", False: "", None: "?"}
+    lines = [
+        f"{first['model']}, {first['task']}, {first['clients']} clients "
+        f"({first['clients_per_round']} a round), {first.get('partition', 'iid')}, "
+        f"{first['rounds']} rounds; accuracy of the full LLM with the plugged adapter on "
+        f"{first['eval_examples']} validation examples, mean ± spread (sample std) over seeds.",
+        "",
+        "| Method | Pruning | Pre-align | Realign | Accuracy | Sub-model acc. | # Tr. Params "
+        "| # Comm. Params (/round/client) | Client model size | Client peak memory | Seeds |",
+        "|---|:-:|:-:|:-:|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {NAMES.get(row['method'], row['method'])} | {mark[row['pruning']]} "
+            f"| {mark[row['pre_align']]} | {mark[row['realign']]} "
+            f"| {100 * row['accuracy']:.1f} ± {100 * row['accuracy_spread']:.1f} "
+            f"| {100 * row['accuracy_sub']:.1f} ± {100 * row['accuracy_sub_spread']:.1f} "
+            f"| {_count(row['trainable_params'])} | {_count(row['comm_params_per_round_per_client'])} "
+            f"| {_size(row['client_model_bytes'])} | {_size(row['client_peak_memory_bytes'])} "
+            f"| {','.join(map(str, row['seeds']))} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_comparison(runs: list[dict], path: Path) -> None:
+    """Accuracy against rounds and against cumulative bytes (down + up), one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (by_round, by_bytes) = plt.subplots(1, 2, figsize=(10, 3.6))
+    colours = {m: f"C{i}" for i, m in enumerate(ORDER)}
+    labelled = set()
+    for run in runs:
+        method = run["summary"]["method"]
+        total, points = 0, []
+        for m in run["metrics"]:
+            total += m["bytes_down"] + m["bytes_up"]
+            if "accuracy" in m:
+                points.append((m["round"], total / 2**20, m["accuracy"]))
+        label = None if method in labelled else NAMES.get(method, method)
+        labelled.add(method)
+        style = {"color": colours.get(method), "marker": "o", "label": label}
+        by_round.plot([p[0] for p in points], [p[2] for p in points], **style)
+        by_bytes.plot([p[1] for p in points], [p[2] for p in points], **style)
+    by_round.set_xlabel("round")
+    by_bytes.set_xlabel("cumulative MiB sent (down + up, all clients)")
+    by_bytes.set_xscale("log")
+    for axis in (by_round, by_bytes):
+        axis.set_ylabel("accuracy (full LLM + adapter)")
+        axis.grid(alpha=0.3)
+    by_round.legend()
+    first = runs[0]["summary"]
+    figure.suptitle(f"{first['model']} on {first['task']}, {first.get('partition', 'iid')}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def write_report(run_folders: list[Path | str], out: Path | str) -> list[dict]:
+    """``table.md``, ``table.json`` and ``compare.png`` for the given finished runs."""
+    if not run_folders:
+        raise ValueError("no run folders given")
+    runs = [read_run(folder) for folder in run_folders]
+    rows = table_rows(runs)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(markdown_table(rows, runs))
+    (out / "table.json").write_text(json.dumps({"rows": rows, "runs": [r["folder"] for r in runs]},
+                                               indent=2) + "\n")
+    plot_comparison(runs, out / "compare.png")
+    return rows

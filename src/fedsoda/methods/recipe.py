@@ -1,0 +1,48 @@
+"""What a method is: the same runtime, data and LoRA settings, and a different recipe.
+
+Every method of the comparison (FedSODA paper, section 6.1.3) is described by the same few
+choices, so the server, the clients and the accounting run one code path for all of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PRUNING = ("sgp", "uniform", "none")
+REALIGN = ("every_r", "every_round", "never")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a method builds the client model and keeps it aligned."""
+
+    name: str
+    pruning: str  # "sgp" (similarity groups), "uniform" (layer dropping) or "none"
+    first_adapter_layers: int  # bottom layers in the adapter; the rest are the last layers
+    quantization: str  # how clients hold the model: "nf4" or "bf16"
+    emulator_lora: str  # server-trained LoRA: "starts" (s_i), "all" (emulator layers), "none"
+    pre_align: bool  # distil the emulator on public data before training
+    realign: str  # "every_r" (the run's realign_every), "every_round" or "never"
+
+    def __post_init__(self) -> None:
+        if self.pruning not in PRUNING or self.realign not in REALIGN:
+            raise ValueError(f"recipe {self.name}: pruning must be in {PRUNING}, realign in {REALIGN}")
+        if self.pruning == "none" and (self.pre_align or self.realign != "never"):
+            raise ValueError(f"recipe {self.name}: nothing to align without pruning")
+
+    def realign_every(self, configured: int) -> int:
+        """The realignment period this method runs with (0: never)."""
+        return {"every_r": configured, "every_round": 1, "never": 0}[self.realign]
+
+    def adapter_split(self, adapter_layers: int) -> tuple[int, int]:
+        """``(first, last)`` adapter layers for a total of ``adapter_layers``."""
+        if self.first_adapter_layers >= adapter_layers:
+            raise ValueError(f"{self.name} trains {self.first_adapter_layers} bottom layer(s); it "
+                             f"needs adapter_layers > {self.first_adapter_layers}, got {adapter_layers}")
+        return self.first_adapter_layers, adapter_layers - self.first_adapter_layers
+
+    @property
+    def columns(self) -> dict[str, bool]:
+        """The check marks of the FedSODA paper's Table 2."""
+        return {"pruning": self.pruning != "none", "pre_align": self.pre_align,
+                "realign": self.realign != "never"}

@@ -1,0 +1,131 @@
+"""The server's models for any method: the full LLM (teacher, holding the global adapter LoRA)
+and the client model the recipe prescribes, plus the alignment it runs."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fedsoda.align import oda
+from fedsoda.align.oda import (
+    AlignSettings,
+    TeacherCache,
+    align,
+    cache_teacher,
+    public_caches,
+    realign_indices,
+)
+from fedsoda.commands.model_prep import prune
+from fedsoda.evaluate.tasks import evaluate
+from fedsoda.methods.recipe import Recipe
+from fedsoda.models import load
+from fedsoda.surgery.build import SubLLM, make_sub_llm, open_sub_llm, save_sub_llm
+from fedsoda.surgery.lora import load_lora_state
+from fedsoda.surgery.plan import PruneSettings, PruningPlan, uniform_plan, unpruned_plan
+from fedsoda.surgery.plugback import export_peft, plug_adapter, to_full_names
+from fedsoda.surgery.quantize import dense_bytes
+
+
+@dataclass
+class ServerModels:
+    """The full LLM (teacher, holding the global adapter LoRA) and the client model."""
+
+    recipe: Recipe
+    teacher: nn.Module
+    sub: SubLLM
+    tokenizer: object
+    folder: Path  # the client model folder clients download (``folder/model``)
+    public: TeacherCache | None  # public batches with cached teacher activations
+    heldout: TeacherCache | None
+    sizes: dict  # storage bytes of what a client holds
+    full_bf16_bytes: int
+
+
+def make_plan(recipe: Recipe, model_spec: str, full: nn.Module, tokenizer,
+              settings: PruneSettings, data_dir: str | None, out: Path) -> PruningPlan:
+    """The recipe's plan: SGP (cached), uniform dropping of the same n and p, or none."""
+    num_layers = full.config.num_hidden_layers
+    if recipe.pruning == "sgp":
+        return prune(model_spec, settings, data_dir, str(out), loaded=(full, tokenizer))
+    if recipe.pruning == "uniform":
+        first, last = recipe.adapter_split(settings.adapter_layers)
+        settings.check_model(num_layers)
+        plan = uniform_plan(model_spec, num_layers, last, settings.n, settings.p, first)
+    else:
+        plan = unpruned_plan(model_spec, num_layers)
+    plan.save(out)
+    return plan
+
+
+def prepare(recipe: Recipe, model_spec: str, prune_settings: PruneSettings,
+            settings: AlignSettings, data_dir: str | None, out: Path,
+            pre_align: bool = True) -> ServerModels:
+    """Plan, build the client model with LoRA, cache the teacher, pre-align (if the recipe does).
+
+    If ``out/subllm`` already holds a built client model (a resumed run), it is reopened
+    instead of rebuilt, and no pre-alignment runs again.
+    """
+    folder = out / "subllm"
+    full, tokenizer = load(model_spec)
+    if (folder / "lora.json").exists():
+        sub, pre_align = open_sub_llm(folder), False
+    else:
+        plan = make_plan(recipe, model_spec, full, tokenizer, prune_settings, data_dir,
+                         out / "plan.json")
+        sub = make_sub_llm(full, plan, folder, tokenizer, seed=settings.seed,
+                           quantization=recipe.quantization, emulator_lora=recipe.emulator_lora)
+    full_bf16_bytes = dense_bytes(full, 2)
+    teacher = plug_adapter(copy.deepcopy(full), sub.adapter_lora(), sub.plan)
+    del full
+    public = heldout = None
+    if recipe.pre_align or recipe.realign != "never":
+        public, heldout = public_caches(teacher, sub.plan, tokenizer, settings, data_dir)
+    models = ServerModels(recipe=recipe, teacher=teacher, sub=sub, tokenizer=tokenizer,
+                          folder=folder, public=public, heldout=heldout, sizes={},
+                          full_bf16_bytes=full_bf16_bytes)
+    if pre_align and recipe.pre_align:
+        report = oda.pre_align(teacher, sub.model, sub.plan, public, heldout, settings,
+                               lora_layers=sub.emulator_layers)
+        (out / "align.json").write_text(json.dumps(report, indent=2) + "\n")
+    models.sizes.update(save_sub_llm(sub, folder))
+    return models
+
+
+def set_global_adapter(models: ServerModels, adapter: dict[str, torch.Tensor]) -> None:
+    """The same global adapter LoRA in the client model (student) and the full LLM (teacher)."""
+    load_lora_state(models.sub.model, adapter)
+    load_lora_state(models.teacher, to_full_names(adapter, models.sub.plan))
+
+
+def realign(models: ServerModels, settings: AlignSettings, round_number: int) -> dict:
+    """Realignment: ``E_r`` epochs on a random public subset; returns the emulator LoRA."""
+    plan = models.sub.plan
+    if plan.first_adapter_layers:
+        # Trained bottom layers feed the emulator, so its cached activations are stale.
+        models.public = cache_teacher(models.teacher, plan, list(models.public.batches))
+    indices = realign_indices(models.public, settings, round_number)
+    result = align(models.teacher, models.sub.model, plan, models.public, settings,
+                   settings.realign_epochs, batch_indices=indices,
+                   lora_layers=models.sub.emulator_layers)
+    return {"emulator": models.sub.emulator_lora(), "seconds": result["seconds"],
+            "loss": result["history"][-1]["loss"] if result["history"] else None}
+
+
+def evaluate_full(models: ServerModels, task, rows: list[dict], data_dir: str | None) -> dict:
+    """Accuracy of the deliverable: the full LLM with the plugged global adapter."""
+    return evaluate(models.teacher, models.tokenizer, task, rows, data_dir=data_dir)
+
+
+def evaluate_sub(models: ServerModels, task, rows: list[dict], data_dir: str | None) -> dict:
+    """Accuracy of what clients see: the client model with both LoRA sets."""
+    return evaluate(models.sub.model, models.tokenizer, task, rows, data_dir=data_dir)
+
+
+def export_adapter(models: ServerModels, folder: Path) -> Path:
+    """The global adapter as a PEFT folder for the full LLM."""
+    return export_peft(models.teacher, folder)

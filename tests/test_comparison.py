@@ -1,0 +1,52 @@
+"""The comparison table from hand-made run folders."""
+
+import json
+
+import pytest
+
+from fedsoda.cli import main
+from fedsoda.comparison import read_run, table_rows
+
+
+def fake_run(folder, method, seed, accuracy, comm_per_round=2_000_000.0, **changes):
+    folder.mkdir(parents=True)
+    summary = {"method": method, "pruning": method != "fedpetuning", "pre_align": True,
+               "realign": method in ("fedsoda", "fedbiot"), "partition": "iid", "seed": seed,
+               "model": "m", "task": "sst2", "rounds": 2, "clients": 10, "clients_per_round": 5,
+               "accuracy": accuracy, "accuracy_sub": accuracy - 0.1, "eval_examples": 872,
+               "trainable_params": 244_224, "comm_params_per_round": comm_per_round,
+               "comm_bytes_total": 100, "client_model_bytes": 92_067_328,
+               "client_peak_memory_bytes": 2**20, "wall_seconds": 1.0, **changes}
+    (folder / "summary.json").write_text(json.dumps(summary))
+    metrics = [{"round": 1, "bytes_down": 10, "bytes_up": 10},
+               {"round": 2, "bytes_down": 10, "bytes_up": 10, "accuracy": accuracy}]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    return folder
+
+
+def test_rows_pool_seeds_into_mean_and_sample_spread(tmp_path):
+    runs = [read_run(fake_run(tmp_path / f"fedsoda-{s}", "fedsoda", s, a))
+            for s, a in ((0, 0.80), (1, 0.84), (2, 0.82))]
+    runs.append(read_run(fake_run(tmp_path / "fedot-0", "fedot", 0, 0.75)))
+    rows = table_rows(runs)
+    assert [r["method"] for r in rows] == ["fedot", "fedsoda"]  # the paper's order
+    soda = rows[1]
+    assert soda["accuracy"] == pytest.approx(0.82)
+    assert soda["accuracy_spread"] == pytest.approx(0.02)  # sqrt((0.02² + 0.02² + 0) / 2)
+    assert soda["seeds"] == [0, 1, 2]
+    assert soda["comm_params_per_round_per_client"] == pytest.approx(400_000)  # 2M / 5 clients
+    assert rows[0]["accuracy_spread"] == 0.0
+
+
+def test_report_writes_table_and_plot_and_refuses_mixed_settings(tmp_path, capsys):
+    a = fake_run(tmp_path / "a", "fedsoda", 0, 0.81)
+    b = fake_run(tmp_path / "b", "fedbiot", 0, 0.83, comm_per_round=5_000_000.0)
+    assert main(["report", str(a), str(b), "--out", str(tmp_path / "report")]) == 0
+    table = (tmp_path / "report" / "table.md").read_text()
+    assert "| FedBiOT | ✓ | ✓ | ✓ | 83.0 ± 0.0 | 73.0 ± 0.0 | 244.2K | 1.00M | 87.8 MiB |" in table
+    assert (tmp_path / "report" / "compare.png").stat().st_size > 0
+    c = fake_run(tmp_path / "c", "fedot", 0, 0.7, task="boolq")
+    assert main(["report", str(a), str(c)]) == 2
+    assert "differ in task" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert "no summary.json" in capsys.readouterr().err
