@@ -105,6 +105,34 @@ def _add_compare(commands) -> None:
     report.add_argument("--out", default=None, help="default: the first run's parent folder")
 
 
+def _add_plan(commands) -> None:
+    parser = commands.add_parser("plan", help="Table 2 figures of every method for a paper-scale "
+                                              "model, from its config alone (no weights)")
+    parser.add_argument("--model-config", required=True,
+                        help="llama3-8b | qwen2-7b | mistral-7b | path to a config.json")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--realign-every", type=int, default=5, help="FedSODA's r")
+    parser.add_argument("--n", type=int, default=3)
+    parser.add_argument("--p", type=int, default=4)
+    parser.add_argument("--adapter-layers", type=int, default=3)
+    parser.add_argument("--out", default=None)
+
+
+def _add_bench(commands) -> None:
+    parser = commands.add_parser("bench", help="client step time, memory, storage and comm of "
+                                               "every method, side by side on this machine")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--methods", default="fedpetuning,fedot,fedbiot,fedsoda")
+    parser.add_argument("--quick", action="store_true", help="fewer steps; under 5 minutes")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps after warm-up")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--out", default="bench.json")
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="fedsoda", description=__doc__)
     commands = root.add_subparsers(dest="command", required=True)
@@ -114,6 +142,8 @@ def parser() -> argparse.ArgumentParser:
     _add_eval(commands)
     _add_run(commands)
     _add_compare(commands)
+    _add_plan(commands)
+    _add_bench(commands)
     return root
 
 
@@ -147,6 +177,14 @@ def run(args: argparse.Namespace) -> None:
         from fedsoda.commands.compare import report_command
 
         report_command(args)
+    elif args.command == "plan":
+        from fedsoda.commands.planner import plan_command
+
+        plan_command(args)
+    elif args.command == "bench":
+        from fedsoda.commands.bench import bench_command
+
+        bench_command(args)
     elif args.command == "eval":
         data_eval.eval_command(args.model, args.adapter, args.task, args.limit, args.batch_size,
                                args.data_dir, args.out, args.dtype)
