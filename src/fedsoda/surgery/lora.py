@@ -73,6 +73,13 @@ def lora_state(model: nn.Module, layers: list[int]) -> dict[str, torch.Tensor]:
             for name, param in _lora_parameters(model).items() if layer_of(name) in wanted}
 
 
+def lora_numel(model: nn.Module, layers: list[int]) -> int:
+    """Number of LoRA parameters on ``layers`` (works on the meta device, unlike ``lora_state``)."""
+    wanted = set(layers)
+    return sum(param.numel() for name, param in _lora_parameters(model).items()
+               if layer_of(name) in wanted)
+
+
 def load_lora_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Copy LoRA tensors into the model; every key must exist and every shape match."""
     params = _lora_parameters(model)

@@ -7,6 +7,7 @@ CPU (bf16 on CUDA) while the 4-bit matmuls compute in bf16.
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -99,10 +100,37 @@ def storage_bytes(folder: Path | str) -> int:
 
 
 def dense_bytes(model: nn.Module, bytes_per_param: int = 2) -> int:
-    """Bytes of a model's unique parameters at ``bytes_per_param`` (2 = bf16)."""
-    seen, total = set(), 0
-    for param in model.parameters():
-        if param.data_ptr() not in seen:
-            seen.add(param.data_ptr())
-            total += param.numel() * bytes_per_param
-    return total
+    """Bytes of a model's unique parameters at ``bytes_per_param`` (2 = bf16).
+
+    ``parameters()`` yields a tied parameter once, so a tied LM head is not counted twice;
+    this also holds on the meta device, where every tensor has the same (null) address.
+    """
+    return sum(param.numel() * bytes_per_param for param in model.parameters())
+
+
+def nf4_linear_bytes(out_features: int, in_features: int) -> int:
+    """Bytes bitsandbytes stores for one NF4 weight with double quantization.
+
+    Packed 4-bit codes (2 per byte); one uint8 absmax per block of 64 (quantized again);
+    one float32 absmax per 256 blocks; the 256-entry nested and 16-entry NF4 code tables
+    (float32); and the quant-state JSON (about 170 bytes: its float offset varies in length).
+    """
+    numel = out_features * in_features
+    blocks = -(-numel // 64)
+    state = json.dumps({"quant_type": "nf4", "blocksize": 64, "dtype": "bfloat16",
+                        "shape": [out_features, in_features], "nested_blocksize": 256,
+                        "nested_dtype": "float32", "nested_offset": 0.1234567890123456})
+    return -(-numel // 2) + blocks + 4 * -(-blocks // 256) + 4 * 256 + 4 * 16 + len(state)
+
+
+def nf4_storage_bytes(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> int:
+    """What ``save_nf4`` writes for ``model``, from its structure alone (meta device works).
+
+    Every linear projection but ``skip`` becomes NF4; every other parameter (embeddings,
+    norms, biases, an untied LM head) stays bf16. Safetensors headers are not counted.
+    """
+    quantized = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] not in skip:
+            quantized[id(module.weight)] = nf4_linear_bytes(module.out_features, module.in_features)
+    return sum(quantized.get(id(param), param.numel() * 2) for param in model.parameters())
