@@ -50,13 +50,50 @@ class RoundLog:
                  "submodel_bytes_total": submodel_bytes_total, "rejected": self.rejected}
         if accuracy is not None:
             entry["accuracy"] = accuracy
-        acc = f"{accuracy:.4f}" if accuracy is not None else "-"
-        loss = f"{entry['train_loss']:.4f}" if entry["train_loss"] is not None else "-"
-        print(f"[fedsoda] round {self.round}: clients {self.accepted} accepted, "
-              f"{len(self.rejected)} rejected; loss {loss} accuracy {acc} "
-              f"down {self.bytes_down / 2**20:.2f} MiB up {self.bytes_up / 2**20:.2f} MiB"
-              f"{' realigned' if realigned else ''} ({seconds:.0f} s)", flush=True)
         return entry
+
+    def line(self, entry: dict) -> str:
+        """One line for the log: round, clients, loss, accuracy, bytes sent."""
+        acc = f"{entry['accuracy']:.4f}" if "accuracy" in entry else "-"
+        loss = f"{entry['train_loss']:.4f}" if entry["train_loss"] is not None else "-"
+        return (f"[fedsoda] round {self.round}: clients {self.accepted} accepted, "
+                f"{len(self.rejected)} rejected; loss {loss} accuracy {acc} "
+                f"down {self.bytes_down / 2**20:.2f} MiB up {self.bytes_up / 2**20:.2f} MiB"
+                f"{' realigned' if entry['realigned'] else ''} ({entry['seconds']:.0f} s)")
+
+
+class RunProgress:
+    """A live bar over the rounds showing clients, loss, accuracy and bytes sent so far.
+
+    Each finished round is also printed as a plain line above the bar, so the log of a run
+    without a terminal (CI, a file) still has every figure.
+    """
+
+    def __init__(self, method: str, rounds: int, done: int, sent_bytes: int = 0) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.sent = sent_bytes
+        self.progress = Progress(TextColumn(f"[bold]{method}[/bold] rounds"), BarColumn(),
+                                 MofNCompleteColumn(), TimeElapsedColumn(),
+                                 TextColumn("{task.fields[status]}"))
+        self.task = self.progress.add_task(method, total=rounds, completed=done,
+                                           status="waiting for the first round")
+
+    def __enter__(self) -> RunProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def round_done(self, log: RoundLog, entry: dict) -> None:
+        self.sent += entry["bytes_down"] + entry["bytes_up"]
+        self.progress.console.print(log.line(entry), highlight=False, soft_wrap=True)
+        accuracy = f"{entry['accuracy']:.4f}" if "accuracy" in entry else "-"
+        loss = f"{entry['train_loss']:.3f}" if entry["train_loss"] is not None else "-"
+        self.progress.update(self.task, completed=entry["round"], status=(
+            f"clients {log.accepted} | loss {loss} | accuracy {accuracy} | "
+            f"sent {self.sent / 2**20:.1f} MiB"))
 
 
 def plot_curve(metrics: list[dict], path: Path, title: str) -> None:

@@ -14,6 +14,7 @@ import json
 import logging
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -26,7 +27,7 @@ from fedsoda.federated.checkpoint import ServerState, load_checkpoint, save_chec
 from fedsoda.federated.client_app import train_config
 from fedsoda.federated.config import RunConfig, config_from_flat
 from fedsoda.federated.messages import files_record, from_record, record_bytes, to_record
-from fedsoda.federated.report import RoundLog, write_summary
+from fedsoda.federated.report import RoundLog, RunProgress, write_summary
 from fedsoda.federated.screening import screen_update
 from fedsoda.methods import get_recipe, server_models
 from fedsoda.surgery.lora import load_lora_state
@@ -140,6 +141,54 @@ def sample_clients(cfg: RunConfig, round_number: int) -> list[int]:
         range(cfg.clients), cfg.clients_per_round))
 
 
+@dataclass
+class Session:
+    """What every round of one run needs besides the checkpointed state."""
+
+    grid: Grid
+    cfg: RunConfig
+    models: server_models.ServerModels
+    node_of: dict[int, int]  # partition id -> node id
+    holding: set[int]  # partitions whose node holds the client model
+    model_hash: str
+    sizes: dict[int, int]  # partition id -> number of examples
+    task: object
+    rows: list[dict]  # evaluation rows
+    submodel_bytes: int  # one-time downloads so far
+
+
+def play_round(session: Session, state: ServerState) -> tuple[RoundLog, dict]:
+    """One round: deliver, train, aggregate, maybe realign and evaluate; returns its entry."""
+    cfg, models = session.cfg, session.models
+    began = time.perf_counter()
+    sampled = sample_clients(cfg, state.round + 1)
+    newcomers = [p for p in sampled if p not in session.holding]
+    session.submodel_bytes += deliver(session.grid, [session.node_of[p] for p in newcomers],
+                                      models, session.model_hash, state.emulator)
+    session.holding.update(newcomers)
+    for pid in newcomers:
+        state.holders[str(pid)] = state.emulator_version  # the delivery carried it
+    round_log = RoundLog(state.round + 1)
+    accepted = train_round(session.grid, cfg, state, sampled, session.node_of, session.model_hash,
+                           session.sizes, round_log)
+    if accepted:
+        state.adapter = fedavg([a[0] for a in accepted], [a[1] for a in accepted])
+    server_models.set_global_adapter(models, state.adapter)
+    state.round += 1
+    realigned = bool(cfg.realign_every) and state.round % cfg.realign_every == 0 \
+        and state.round < cfg.rounds
+    if realigned:
+        state.emulator = server_models.realign(models, cfg.align, state.round)["emulator"]
+        state.emulator_version += 1
+    accuracy = None
+    if state.round == cfg.rounds or (cfg.eval_every and state.round % cfg.eval_every == 0):
+        accuracy = server_models.evaluate_full(models, session.task, session.rows,
+                                               cfg.data_folder)["accuracy"]
+    entry = round_log.finish(accuracy, realigned, time.perf_counter() - began,
+                             session.submodel_bytes)
+    return round_log, entry
+
+
 def run_server(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict:
     """The whole run on one grid; writes the run folder and returns the summary."""
     began = time.perf_counter()
@@ -158,43 +207,25 @@ def run_server(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict:
     load_lora_state(models.sub.model, state.emulator)
     model_hash = client_model_hash(models.folder)
     task = get_task(cfg.task)
-    rows = evaluation_rows(task, cfg.data_folder, cfg.eval_limit or None)
     node_of, holding = handshake(grid, wait_for_nodes(grid, cfg.clients), model_hash)
-    sizes = _partition_sizes(cfg)
-    submodel_bytes = 0 if not resume else state.metrics[-1].get("submodel_bytes_total", 0)
-    while state.round < cfg.rounds:
-        round_began = time.perf_counter()
-        sampled = sample_clients(cfg, state.round + 1)
-        newcomers = [p for p in sampled if p not in holding]
-        submodel_bytes += deliver(grid, [node_of[p] for p in newcomers], models, model_hash,
-                                  state.emulator)
-        holding.update(newcomers)
-        for pid in newcomers:
-            state.holders[str(pid)] = state.emulator_version  # the delivery carried it
-        round_log = RoundLog(state.round + 1)
-        accepted = train_round(grid, cfg, state, sampled, node_of, model_hash, sizes, round_log)
-        if accepted:
-            state.adapter = fedavg([a[0] for a in accepted], [a[1] for a in accepted])
-        server_models.set_global_adapter(models, state.adapter)
-        state.round += 1
-        realigned = bool(cfg.realign_every) and state.round % cfg.realign_every == 0 \
-            and state.round < cfg.rounds
-        if realigned:
-            state.emulator = server_models.realign(models, cfg.align, state.round)["emulator"]
-            state.emulator_version += 1
-        accuracy = None
-        if state.round == cfg.rounds or (cfg.eval_every and state.round % cfg.eval_every == 0):
-            accuracy = server_models.evaluate_full(models, task, rows, cfg.data_folder)["accuracy"]
-        entry = round_log.finish(accuracy, realigned, time.perf_counter() - round_began,
-                                 submodel_bytes)
-        state.metrics.append(entry)
-        save_checkpoint(state, out / "checkpoint")
-        # Rewritten from the checkpointed state, so a crash at any point never leaves a
-        # round twice (or half) in the file after a resume.
-        tmp = out / "metrics.jsonl.tmp"
-        tmp.write_text("".join(json.dumps(m) + "\n" for m in state.metrics))
-        tmp.replace(out / "metrics.jsonl")
-    return write_summary(cfg, out, models, state, task, rows, time.perf_counter() - began)
+    session = Session(grid=grid, cfg=cfg, models=models, node_of=node_of, holding=holding,
+                      model_hash=model_hash, sizes=_partition_sizes(cfg), task=task,
+                      rows=evaluation_rows(task, cfg.data_folder, cfg.eval_limit or None),
+                      submodel_bytes=state.metrics[-1].get("submodel_bytes_total", 0)
+                      if state.metrics else 0)
+    sent = sum(m["bytes_down"] + m["bytes_up"] for m in state.metrics)
+    with RunProgress(cfg.method, cfg.rounds, state.round, sent) as progress:
+        while state.round < cfg.rounds:
+            round_log, entry = play_round(session, state)
+            state.metrics.append(entry)
+            progress.round_done(round_log, entry)
+            save_checkpoint(state, out / "checkpoint")
+            # Rewritten from the checkpointed state, so a crash at any point never leaves a
+            # round twice (or half) in the file after a resume.
+            tmp = out / "metrics.jsonl.tmp"
+            tmp.write_text("".join(json.dumps(m) + "\n" for m in state.metrics))
+            tmp.replace(out / "metrics.jsonl")
+    return write_summary(cfg, out, models, state, task, session.rows, time.perf_counter() - began)
 
 
 def _partition_sizes(cfg: RunConfig) -> dict[int, int]:
