@@ -6,11 +6,17 @@ Message types it answers:
 - ``query.deliver``: the sub-LLM files, written to the node's own storage;
 - ``train``: the global adapter LoRA (and the emulator LoRA after a realignment); replies
   with the trained adapter LoRA and the number of local examples.
+
+Between realignments the sub-emulator is frozen, so each client keeps the emulator's output
+for the examples it has drawn (``fedsoda.activation_cache``) and trains the adapter from it;
+a new emulator LoRA empties the cache. ``activation_cache = false`` in the run config (or
+``FEDSODA_ACTIVATION_CACHE=0``) turns it off; results match within float tolerance.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import zlib
 from functools import lru_cache
 from pathlib import Path
@@ -18,6 +24,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedsoda.activation_cache import ActivationCache, MiB
 from fedsoda.data.partition import task_partitions
 from fedsoda.data.task import EncodedExamples, pad_id
 from fedsoda.data.tasks import get_task
@@ -25,7 +32,7 @@ from fedsoda.federated.messages import from_record, to_record, write_files
 from fedsoda.models import cache_dir
 from fedsoda.surgery.build import SubLLM, open_sub_llm
 from fedsoda.surgery.lora import load_lora_state, read_lora, save_lora
-from fedsoda.training import local_train
+from fedsoda.training import configure_threads, local_train
 
 app = ClientApp()
 
@@ -49,7 +56,24 @@ def _holds(partition: int, model_hash: str) -> bool:
 @lru_cache(maxsize=2)
 def _sub_llm(folder: str) -> SubLLM:
     # One instance per process and model: LoRA tensors are loaded into it on every call.
+    configure_threads()
     return open_sub_llm(folder)
+
+
+@lru_cache(maxsize=16)
+def _activation_cache(folder: str, examples_key: tuple, max_mib: int) -> ActivationCache:
+    # One cache per model and client data (a simulation actor may serve several clients);
+    # what exceeds the memory budget goes to the client's own storage.
+    spill = Path(folder) / "activations" / f"{zlib.crc32(repr(examples_key).encode()):08x}"
+    return ActivationCache(max_bytes=max_mib * MiB, spill_dir=spill, max_disk_bytes=4096 * MiB)
+
+
+def cache_enabled(config) -> bool:
+    """The activation cache is on unless the run config or the environment turns it off."""
+    if os.environ.get("FEDSODA_ACTIVATION_CACHE", "1").strip().lower() in ("0", "false", "no"):
+        return False
+    value = config.get("activation_cache", True)
+    return str(value).lower() not in ("0", "false", "no", "")
 
 
 @lru_cache(maxsize=4)
@@ -95,15 +119,24 @@ def train(message: Message, context: Context) -> Message:
     sub = _sub_llm(str(folder))
     load_lora_state(sub.model, read_lora(folder / "emulator_lora.safetensors"))
     load_lora_state(sub.model, from_record(message.content["adapter"]))
-    examples = _examples(str(config["task"]), str(config["data_dir"]) or None,
-                         int(config["clients"]), str(config["partition"]), int(config["seed"]),
-                         pid, int(config["max_tokens"]), str(folder / "model"))
+    key = (str(config["task"]), str(config["data_dir"]) or None, int(config["clients"]),
+           str(config["partition"]), int(config["seed"]), pid, int(config["max_tokens"]),
+           str(folder / "model"))
+    examples = _examples(*key)
+    cache = None
+    if cache_enabled(config):
+        cache = _activation_cache(str(folder), key, int(config.get("activation_cache_mib", 256)))
+        if "emulator" in message.content:
+            cache.invalidate()  # the fingerprint check would catch it too; say it plainly
+    hits, misses = (cache.hits, cache.misses) if cache else (0, 0)
     seed = zlib.crc32(json.dumps([int(config["seed"]), int(config["round"]), pid]).encode())
     result = local_train(sub.model, sub.adapter_layers, examples, int(config["local_steps"]),
                          int(config["batch_size"]), float(config["lr"]), float(config["mu"]),
-                         seed, sub_pad_id(folder))
+                         seed, sub_pad_id(folder), cache=cache)
     metrics = MetricRecord({"num_examples": len(examples), "train_loss": result["loss"],
-                            "seconds": result["seconds"], "partition_id": pid})
+                            "seconds": result["seconds"], "partition_id": pid,
+                            "cache_hits": cache.hits - hits if cache else 0,
+                            "cache_misses": cache.misses - misses if cache else 0})
     return Message(RecordDict({"adapter": to_record(result["state"]), "metrics": metrics}),
                    reply_to=message)
 

@@ -1,0 +1,188 @@
+"""Training the adapter from cached emulator activations equals training through the emulator.
+
+The reference loss is computed from the whole model's logits (``model(...).logits``), not
+from the split or the cache under test.
+"""
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from conftest import tiny_model
+from fedsoda.activation_cache import ActivationCache, frozen_fingerprint, frozen_split
+from fedsoda.data.task import IGNORE_INDEX
+from fedsoda.surgery.build import make_sub_llm
+from fedsoda.surgery.lora import LoraSpec, attach_lora, layer_of, load_lora_state, lora_state
+from fedsoda.surgery.plan import uniform_plan
+from fedsoda.training import LocalTrainer, collate, local_train
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from threads, and on a shared CPU each op's barrier waits for
+    a descheduled thread (these tests take 4 s on one thread, 60 s on two busy cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+EMULATOR_LORA, ADAPTER = [2, 4], [7, 8, 9]  # 10-layer model: adapter = the last three layers
+PAD = 1
+
+
+def examples(count: int = 10, seed: int = 3) -> list[dict[str, list[int]]]:
+    """Prompts of different lengths with a two-token answer (loss on the answer only)."""
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(count):
+        ids = torch.randint(3, 96, (6 + (5 * i) % 11,), generator=generator).tolist()
+        out.append({"input_ids": ids, "labels": [IGNORE_INDEX] * (len(ids) - 2) + ids[-2:]})
+    return out
+
+
+def random_lora(model, layers, seed: int) -> None:
+    """Non-zero LoRA (B = 0 at init would make the emulator LoRA invisible)."""
+    generator = torch.Generator().manual_seed(seed)
+    state = lora_state(model, layers)
+    load_lora_state(model, {k: 0.2 * torch.randn(v.shape, generator=generator) for k, v in state.items()})
+
+
+def fp32_client():
+    model = attach_lora(tiny_model(layers=10), EMULATOR_LORA + ADAPTER, LoraSpec())
+    random_lora(model, EMULATOR_LORA + ADAPTER, seed=5)
+    return model, ADAPTER
+
+
+def nf4_client(tmp_path):
+    """The NF4 sub-LLM as FedSODA clients hold it (uniform windows: no public data needed)."""
+    plan = uniform_plan("tiny", 10, adapter_layers=3, n=2, p=2)
+    sub = make_sub_llm(tiny_model(layers=10), plan, tmp_path / "sub", quantization="nf4",
+                       emulator_lora="starts")
+    random_lora(sub.model, sub.emulator_layers + sub.adapter_layers, seed=5)
+    return sub.model, sub.adapter_layers
+
+
+def reference_loss_and_grads(model, layers, batch):
+    """Loss from the whole model's logits, and the gradient of every adapter LoRA tensor."""
+    trainer = LocalTrainer(model, layers, lr=1e-3, mu=0.0, pad_id=PAD)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["labels"][:, 1:]
+    loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX)
+    return loss.detach(), grads_of(trainer, loss)
+
+
+def grads_of(trainer, loss):
+    trainer.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    return {name: p.grad.detach().clone() for name, p in trainer.named.items()}
+
+
+def cached_loss_and_grads(model, layers, batch, picks, cache):
+    trainer = LocalTrainer(model, layers, lr=1e-3, mu=0.0, pad_id=PAD, cache=cache)
+    loss = trainer.loss(batch, picks)
+    return loss.detach(), grads_of(trainer, loss)
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+# NF4 layers compute in bf16 on CPU, and there an example's emulator output already depends
+# on the padded width of its batch, cache or not (measured: 2 bf16 ulps between widths 15
+# and 16). So NF4 clients agree to bf16 precision, fp32 ones to fp32 precision.
+TOLERANCE = {"fp32": {"loss": 1e-5, "grad": 1e-4}, "nf4": {"loss": 1e-3, "grad": 0.1}}
+
+
+@pytest.mark.parametrize("kind", ["fp32", "nf4"])
+def test_cached_loss_and_every_adapter_gradient_equal_the_uncached_path(kind, tmp_path):
+    model, layers = fp32_client() if kind == "fp32" else nf4_client(tmp_path)
+    data, cache = examples(), ActivationCache()
+    picks = [4, 0, 7, 2]
+    batch = collate([data[i] for i in picks], PAD)
+    expected_loss, expected = reference_loss_and_grads(model, layers, batch)
+
+    # First draw fills the cache from a different batch (other widths, other neighbours).
+    cached_loss_and_grads(model, layers, collate([data[i] for i in [7, 9, 4]], PAD), [7, 9, 4], cache)
+    assert (cache.hits, cache.misses) == (0, 3)
+    loss, grads = cached_loss_and_grads(model, layers, batch, picks, cache)
+
+    assert (cache.hits, cache.misses) == (2, 5)  # 4 and 7 came from the cache
+    assert loss.item() == pytest.approx(expected_loss.item(), rel=TOLERANCE[kind]["loss"])
+    assert sorted(grads) == sorted(expected) and {layer_of(k) for k in grads} == set(layers)
+    for name, grad in grads.items():
+        assert grad.abs().sum() > 0 and expected[name].abs().sum() > 0, name  # the bnb trap
+        assert relative_error(grad, expected[name]) < TOLERANCE[kind]["grad"], name
+
+
+@pytest.mark.parametrize("kind", ["fp32", "nf4"])
+def test_cache_filled_at_the_same_width_is_bitwise_exact(kind, tmp_path):
+    model, layers = fp32_client() if kind == "fp32" else nf4_client(tmp_path)
+    data, cache = examples(), ActivationCache()
+    picks = [4, 0, 7, 2]
+    batch = collate([data[i] for i in picks], PAD)
+    expected_loss, expected = reference_loss_and_grads(model, layers, batch)
+    cached_loss_and_grads(model, layers, batch, picks, cache)  # fills all four
+    loss, grads = cached_loss_and_grads(model, layers, batch, picks, cache)  # four hits
+    assert cache.hits == 4 and torch.equal(loss, expected_loss)
+    assert all(torch.equal(grads[name], expected[name]) for name in expected)
+
+
+def test_local_train_with_the_cache_ends_where_it_ends_without(tmp_path):
+    data = examples(count=6)
+    runs = []
+    for cache in (None, ActivationCache()):
+        model, layers = fp32_client()
+        runs.append(local_train(model, layers, data, steps=5, batch_size=3, lr=1e-2, mu=0.1,
+                                seed=11, pad_id=PAD, cache=cache))
+        if cache is not None:
+            assert cache.hits > 0 and cache.misses == 6  # 15 draws of 6 examples
+    assert runs[1]["loss"] == pytest.approx(runs[0]["loss"], rel=1e-5)
+    for name, tensor in runs[0]["state"].items():
+        torch.testing.assert_close(runs[1]["state"][name], tensor, rtol=1e-4, atol=1e-6)
+
+
+def test_a_new_emulator_lora_invalidates_the_cache():
+    model, layers = fp32_client()
+    data, cache = examples(), ActivationCache()
+    picks = [1, 3, 5]
+    batch = collate([data[i] for i in picks], PAD)
+    cached_loss_and_grads(model, layers, batch, picks, cache)
+    assert len(cache) == 3 and cache.invalidations == 0
+    stale = cache.fingerprint
+
+    # Same emulator LoRA: the cache is kept and hit.
+    cached_loss_and_grads(model, layers, batch, picks, cache)
+    assert (cache.hits, len(cache), cache.fingerprint) == (3, 3, stale)
+
+    # A realignment changes the emulator LoRA: nothing stale may be used.
+    random_lora(model, EMULATOR_LORA, seed=99)
+    expected_loss, _ = reference_loss_and_grads(model, layers, batch)
+    loss, _ = cached_loss_and_grads(model, layers, batch, picks, cache)
+    assert cache.invalidations == 1 and cache.fingerprint != stale
+    assert cache.hits == 3 and len(cache) == 3  # refilled by three misses
+    assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-5)
+
+    # Changing only the adapter LoRA does not touch the frozen layers' fingerprint.
+    random_lora(model, ADAPTER, seed=7)
+    assert frozen_fingerprint(frozen_split(model, layers)) == cache.fingerprint
+
+
+def test_memory_budget_spills_to_disk_then_stops_caching(tmp_path):
+    hidden = torch.ones(4, 8)  # 128 bytes
+    spilled = ActivationCache(max_bytes=200, spill_dir=tmp_path / "spill", max_disk_bytes=200)
+    assert [spilled.put(i, hidden * i) for i in range(3)] == [True, True, False]
+    assert (spilled.memory_bytes, spilled.disk_bytes) == (128, 128)
+    assert torch.equal(spilled.get(1), hidden) and len(list((tmp_path / "spill").iterdir())) == 1
+    spilled.invalidate()
+    assert len(spilled) == 0 and not (tmp_path / "spill").exists()
+
+    bounded = ActivationCache(max_bytes=200)
+    assert [bounded.put(i, hidden) for i in range(2)] == [True, False] and bounded.get(1) is None
+
+
+def test_models_without_a_frozen_prefix_train_without_the_cache():
+    model = attach_lora(tiny_model(layers=4), [0, 1, 2, 3], LoraSpec())
+    trainer = LocalTrainer(model, [0, 1, 2, 3], lr=1e-3, mu=0.0, pad_id=PAD, cache=ActivationCache())
+    assert trainer.split.prefix is None and trainer.cache is None
