@@ -62,16 +62,19 @@ def proximal_term(params: dict[str, nn.Parameter], anchor: dict[str, torch.Tenso
 
 def client_threads() -> int:
     """Intra-op threads for client training: ``FEDSODA_THREADS``, else ``OMP_NUM_THREADS``
-    (Ray sets it to a simulated client's CPUs), else every CPU this process may run on.
+    (Ray sets it to a simulated client's CPUs), else the CPUs this process may use that other
+    processes leave idle (1-minute load average), at least one.
 
-    On a machine shared with other busy processes, fewer threads than cores is much faster:
-    each of the thousands of small ops per step ends at a barrier that waits for a thread
-    the scheduler has parked (bench/README.md measures 6x on 2 shared cores).
+    More threads than idle cores is far slower than fewer: each of the thousands of small ops
+    of a step ends at a barrier that waits for whichever thread the scheduler parked
+    (bench/README.md: a FedSODA step took 6x longer on 2 threads than on 1 on 2 busy cores).
     """
     for name in ("FEDSODA_THREADS", "OMP_NUM_THREADS"):
         if os.environ.get(name, "").strip().isdigit() and int(os.environ[name]) > 0:
             return int(os.environ[name])
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(cores, round(cores - busy)))
 
 
 def configure_threads(threads: int | None = None) -> int:
