@@ -88,7 +88,7 @@ class RunProgress:
 
     def round_done(self, log: RoundLog, entry: dict) -> None:
         self.sent += entry["bytes_down"] + entry["bytes_up"]
-        self.progress.console.print(log.line(entry), highlight=False, soft_wrap=True)
+        self.progress.console.print(log.line(entry), markup=False, highlight=False, soft_wrap=True)
         accuracy = f"{entry['accuracy']:.4f}" if "accuracy" in entry else "-"
         loss = f"{entry['train_loss']:.3f}" if entry["train_loss"] is not None else "-"
         self.progress.update(self.task, completed=entry["round"], status=(
