@@ -46,6 +46,9 @@ class RunConfig:
     partition: str = "iid"  # iid | dirichlet:BETA
     seed: int = 0
     max_tokens: int = 256  # training sequence length (prompt + answer)
+    # Clients keep the frozen sub-emulator's output per example between realignments
+    # (fedsoda.activation_cache); results match the uncached path within float tolerance.
+    activation_cache: bool = True
     eval_every: int = 5  # rounds between evaluations of the full LLM + adapter (0: end only)
     eval_limit: int = 0  # first N validation examples (0: all)
     data_dir: str = ""  # local data folder ("" -> FEDSODA_DATA_DIR, else the hub)

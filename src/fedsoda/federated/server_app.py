@@ -103,7 +103,8 @@ def train_round(grid: Grid, cfg: RunConfig, state: ServerState, sampled: list[in
         content = RecordDict({"adapter": adapter_record, "config": train_config(
             model_hash=model_hash, round=state.round + 1, task=cfg.task, data_dir=cfg.data_dir,
             clients=cfg.clients, partition=cfg.partition, seed=cfg.seed,
-            max_tokens=cfg.max_tokens, local_steps=cfg.local_steps, batch_size=cfg.batch_size,
+            max_tokens=cfg.max_tokens, activation_cache=cfg.activation_cache,
+            local_steps=cfg.local_steps, batch_size=cfg.batch_size,
             lr=cfg.lr, mu=cfg.mu)})
         round_log.down(adapter_record)
         if state.holders.get(str(pid), -1) < state.emulator_version:
