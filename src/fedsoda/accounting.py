@@ -1,7 +1,9 @@
 """Client peak memory in a training step, measured in a fresh process.
 
-On CPU: the process's peak RSS after one training step minus its peak RSS after imports
-(so the interpreter and libraries do not count). On CUDA: ``torch.cuda.max_memory_allocated``.
+On CPU: the process's peak RSS over the training steps minus its RSS after imports and data
+loading (so the interpreter, libraries and the parsed data set do not count); the model's
+weights do. ``fedsoda.benchmark`` measures the same way for ``fedsoda bench``.
+On CUDA: ``torch.cuda.max_memory_allocated``.
 Run as ``python -m fedsoda.accounting --folder SUBLLM --task sst2`` it prints JSON.
 """
 
@@ -65,14 +67,17 @@ def _probe(args: argparse.Namespace) -> dict:
     from fedsoda.data.task import EncodedExamples, load_rows, pad_id
     from fedsoda.data.tasks import get_task
     from fedsoda.surgery.build import open_sub_llm
-    from fedsoda.training import local_train
+    from fedsoda.training import configure_threads, local_train
 
-    baseline = start_peak_window()
-    sub = open_sub_llm(args.folder)
+    configure_threads()  # idle cores only: oversubscribed threads make the probe crawl
     task = get_task(args.task)
     tokenizer = AutoTokenizer.from_pretrained(Path(args.folder) / "model")
     rows = load_rows(task, task.train_split, args.data_dir)[: args.batch_size * 4]
     examples = EncodedExamples(task, rows, tokenizer, args.max_tokens)
+    # The window opens after the data set is read: parsing every training row is not part of
+    # a training step, and its transient peak would otherwise count.
+    baseline = start_peak_window()
+    sub = open_sub_llm(args.folder)
     local_train(sub.model, sub.adapter_layers, examples, args.steps, args.batch_size, 1e-4, 0.01,
                 0, pad_id(tokenizer))
     if torch.cuda.is_available():

@@ -200,8 +200,11 @@ def _measure_cached(trainer, pool, batch_size, steps, device, baseline, cache, c
 
     cache.bind(frozen_fingerprint(trainer.split))
     trainer.cache = cache
+    # A new peak window (same baseline): the cached phase's own peak, cache included.
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    else:
+        start_peak_window()
     fill_times = []
     for start in range(0, len(pool), batch_size):
         keys = list(range(start, min(start + batch_size, len(pool))))

@@ -88,7 +88,7 @@ def server_timings(full, tokenizer, model_spec: str, data_dir: str | None, sub, 
     from fedsoda.surgery.plugback import plug_adapter
 
     if quick:
-        prune_settings = dataclasses.replace(prune_settings, samples=min(16, prune_settings.samples))
+        prune_settings = dataclasses.replace(prune_settings, samples=min(8, prune_settings.samples))
     # Quick: one batch for pre-alignment, the held-out measure and the realignment each.
     align = AlignSettings(samples=8, heldout=8, realign_samples=8) if quick else AlignSettings()
     began = time.perf_counter()
@@ -220,10 +220,11 @@ def run_bench(model: str, methods: list[str], quick: bool = False, steps: int | 
     env = {**os.environ, "FEDSODA_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
     for name in methods:
         _log(f"{name}: client steps in a fresh process ({warmup} warm-up + {steps} timed)")
+        probe_began = time.perf_counter()
         probe = probe_client(figures[name]["folder"], seq_len, batch_size, steps, warmup,
                              data_dir, device, cached=name != "fedbiot",
-                             whole_model_path=name == "fedsoda", env=env)
-        figures[name].update(probe)
+                             whole_model_path=name == "fedsoda" and not quick, env=env)
+        figures[name].update(probe, probe_seconds=time.perf_counter() - probe_began)
         if name == "fedbiot":
             figures[name]["cache_note"] = ("realigned every round: the cache would be emptied "
                                            "every round, so its steady step is the uncached one")
