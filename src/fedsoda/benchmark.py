@@ -1,14 +1,14 @@
-"""Measurements behind ``fedsoda bench``: the client step of one method in a fresh process.
+"""Measurements behind ``fedsoda bench``: a client's training step, for any method.
 
-``python -m fedsoda.benchmark --folder CLIENT_MODEL ...`` loads a client model folder (as
-clients hold it), and prints JSON with
-
-- peak memory of the training steps: peak RSS above the post-import baseline on CPU
-  (``fedsoda.accounting``'s window), ``torch.cuda.max_memory_allocated`` on CUDA;
-- FLOPs of one step (``torch.utils.flop_counter``, with formulas for the 4-bit matmuls of
-  bitsandbytes and CPU flash attention, which it does not know);
-- the median time of ``steps`` training steps after ``warmup``, without and (for a model
-  with a frozen emulator) with the activation cache warm for every example drawn.
+- ``python -m fedsoda.benchmark --folder CLIENT_MODEL ...`` loads one client model folder in
+  a fresh process and prints JSON with the peak memory of its training steps (peak RSS above
+  the baseline after imports and data loading on CPU, ``fedsoda.accounting``'s window;
+  ``torch.cuda.max_memory_allocated`` on CUDA) and the FLOPs of one step
+  (``torch.utils.flop_counter``, with formulas for bitsandbytes' 4-bit matmuls and CPU flash
+  attention, which it does not know), uncached and, for a model with a frozen emulator, with
+  the activation cache warm.
+- ``interleaved_step_times`` times the steps of every method in one process, in turns, so
+  the load of a shared machine falls on all methods alike.
 
 The workload is fixed-length sequences built from real SST-2 training examples: a k-shot
 prompt ("Review: ...\\nSentiment: positive" shots, then the target review) cut from the left
@@ -141,99 +141,146 @@ def _peak(device: torch.device, baseline: int) -> int:
     return peak_since_window() - baseline
 
 
-def measure_client(folder: str, seq_len: int, batch_size: int, steps: int, warmup: int,
-                   data_dir: str | None, device: str = "cpu", cached: bool = False,
-                   whole_model_path: bool = False) -> dict:
-    """Peak memory, FLOPs and step times of a client model folder (call in a fresh process)."""
+class ClientUnderTest:
+    """One method's client model, loaded from its folder, with a trainer and a workload."""
+
+    def __init__(self, folder: str, pool: list[dict], batch_size: int, device: str = "cpu",
+                 seed: int = 0) -> None:
+        from transformers import AutoTokenizer
+
+        from fedsoda.activation_cache import ActivationCache, uncacheable_reason
+        from fedsoda.data.task import pad_id
+        from fedsoda.surgery.build import open_sub_llm
+        from fedsoda.training import LocalTrainer
+
+        self.pool, self.batch_size, self.rng = pool, batch_size, random.Random(seed)
+        self.sub = open_sub_llm(folder, device=device)
+        tokenizer = AutoTokenizer.from_pretrained(Path(folder) / "model")
+        self.trainer = LocalTrainer(self.sub.model, self.sub.adapter_layers, 1e-4, 0.01,
+                                    pad_id(tokenizer))
+        self.device = self.trainer.device
+        self.cache_note = uncacheable_reason(self.trainer.split)
+        self.cache = ActivationCache(max_bytes=2**40) if self.cache_note is None else None
+
+    def _draw(self) -> list[int]:
+        return self.rng.sample(range(len(self.pool)), self.batch_size)
+
+    def step(self) -> None:
+        """A training step as clients run it without the cache (frozen layers under no_grad)."""
+        self.trainer.cache = None
+        self.trainer.step(self.pool, self._draw())
+
+    def cached_step(self) -> None:
+        """A training step whose examples' emulator outputs are all in the cache."""
+        self.trainer.cache = self.cache
+        self.trainer.step(self.pool, self._draw())
+        self.trainer.cache = None
+
+    def whole_model_step(self) -> None:
+        """The step before the split: one forward through every layer (``answer_loss``)."""
+        from fedsoda.training import answer_loss
+
+        batch = self.trainer.batch(self.pool, self._draw())
+        self.trainer.optimizer.zero_grad(set_to_none=True)
+        answer_loss(self.sub.model, batch).backward()
+        self.trainer.optimizer.step()
+
+    def fill_cache(self) -> float:
+        """Cache every example of the workload; returns the seconds per example."""
+        from fedsoda.activation_cache import cached_prefix, frozen_fingerprint
+
+        self.cache.bind(frozen_fingerprint(self.trainer.split))
+        seconds = 0.0
+        for start in range(0, len(self.pool), self.batch_size):
+            keys = list(range(start, min(start + self.batch_size, len(self.pool))))
+            batch = self.trainer.batch(self.pool, keys)
+            fill = lambda batch=batch, keys=keys: cached_prefix(  # noqa: E731
+                self.trainer.split, batch, keys, self.cache)
+            seconds += sum(timed(fill, 1, self.device))
+        return seconds / len(self.pool)
+
+
+def workload(folder: str, seq_len: int, batch_size: int, data_dir: str | None) -> list[dict]:
+    """The examples every method's steps draw from (the same for all: same tokenizer, seed)."""
     from transformers import AutoTokenizer
 
-    from fedsoda.activation_cache import ActivationCache, cached_prefix, uncacheable_reason
-    from fedsoda.data.task import pad_id
-    from fedsoda.surgery.build import open_sub_llm
-    from fedsoda.training import LocalTrainer, answer_loss, configure_threads
+    tokenizer = AutoTokenizer.from_pretrained(Path(folder) / "model")
+    return fixed_length_examples(tokenizer, seq_len, batch_size * POOL_BATCHES, data_dir)
+
+
+def measure_memory_and_flops(folder: str, seq_len: int, batch_size: int, warmup: int,
+                             data_dir: str | None, device: str = "cpu", cached: bool = True) -> dict:
+    """Peak memory and FLOPs of a client's step, uncached and cached (in a fresh process)."""
+    from fedsoda.training import configure_threads
 
     threads = configure_threads()
-    tokenizer = AutoTokenizer.from_pretrained(Path(folder) / "model")
-    pool = fixed_length_examples(tokenizer, seq_len, batch_size * POOL_BATCHES, data_dir)
+    pool = workload(folder, seq_len, batch_size, data_dir)
     # The window opens after imports and data loading: what it sees is the model and the step.
     baseline = start_peak_window()
-    began = time.perf_counter()
-    sub = open_sub_llm(folder, device=device)
-    load_seconds = time.perf_counter() - began
-    rng = random.Random(0)
-    draws = [rng.sample(range(len(pool)), batch_size) for _ in range(max(1, warmup) + 2 * steps)]
-    trainer = LocalTrainer(sub.model, sub.adapter_layers, 1e-4, 0.01, pad_id(tokenizer))
-    dev = trainer.device
-
-    def step() -> float:
-        return trainer.step(pool, draws.pop())
-
-    flops = count_flops(step)  # the first warm-up step; the counter holds no tensors
+    client = ClientUnderTest(folder, pool, batch_size, device)
+    flops = count_flops(client.step)  # the first warm-up step; the counter holds no tensors
     for _ in range(warmup - 1):
-        step()
-    result = {"peak_memory_bytes": _peak(dev, baseline), "device": dev.type, "threads": threads,
-              "baseline_bytes": baseline, "load_seconds": load_seconds,
-              "frozen_layers": trainer.split.first_trainable,
-              "trainable_layers": sub.adapter_layers, "step_flops": flops}
-    result["step_times"] = timed(step, steps, dev)
-    result["step_seconds"] = statistics.median(result["step_times"])
-    if whole_model_path:  # the path before the split: one forward through every layer
-        def whole_model_step() -> None:
-            batch = trainer.batch(pool, draws.pop())
-            trainer.optimizer.zero_grad(set_to_none=True)
-            answer_loss(sub.model, batch).backward()
-            trainer.optimizer.step()
-        result["step_seconds_whole_model_path"] = statistics.median(timed(whole_model_step, steps, dev))
-    reason = uncacheable_reason(trainer.split)
-    if cached and reason is None:
-        result.update(_measure_cached(trainer, pool, batch_size, steps, dev, baseline,
-                                      ActivationCache(max_bytes=2**40), cached_prefix, rng))
-    elif cached:
-        result["cache_note"] = reason
-    return result
-
-
-def _measure_cached(trainer, pool, batch_size, steps, device, baseline, cache, cached_prefix,
-                    rng) -> dict:
-    """Steps with every drawn example's emulator output already cached."""
-    from fedsoda.activation_cache import frozen_fingerprint
-
-    cache.bind(frozen_fingerprint(trainer.split))
-    trainer.cache = cache
-    # A new peak window (same baseline): the cached phase's own peak, cache included.
-    if device.type == "cuda":
+        client.step()
+    result = {"peak_memory_bytes": _peak(client.device, baseline), "baseline_bytes": baseline,
+              "device": client.device.type, "threads": threads, "step_flops": flops,
+              "frozen_layers": client.trainer.split.first_trainable,
+              "trainable_layers": client.sub.adapter_layers}
+    if client.cache is None or not cached:
+        return result | ({"cache_note": client.cache_note} if client.cache_note else {})
+    # A new window (same baseline): the cached phase's own peak, the cache included.
+    if client.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     else:
         start_peak_window()
-    fill_times = []
-    for start in range(0, len(pool), batch_size):
-        keys = list(range(start, min(start + batch_size, len(pool))))
-        fill_times += timed(lambda keys=keys: cached_prefix(trainer.split, trainer.batch(pool, keys),
-                                                            keys, cache), 1, device)
-    draws = [rng.sample(range(len(pool)), batch_size) for _ in range(steps + 1)]
-
-    def step() -> float:
-        return trainer.step(pool, draws.pop())
-
-    flops = count_flops(step)
-    times = timed(step, steps, device)
-    return {"step_flops_cached": flops, "step_times_cached": times,
-            "step_seconds_cached": statistics.median(times),
-            "cache_fill_seconds_per_example": sum(fill_times) / len(pool),
-            "cache_bytes_per_example": cache.memory_bytes / len(pool),
-            "peak_memory_bytes_cached": _peak(device, baseline), "cache": cache.stats()}
+    client.fill_cache()
+    result["step_flops_cached"] = count_flops(client.cached_step)
+    client.cached_step()
+    return result | {"peak_memory_bytes_cached": _peak(client.device, baseline),
+                     "cache_bytes_per_example": client.cache.memory_bytes / len(pool)}
 
 
-def probe_client(folder: Path | str, seq_len: int, batch_size: int, steps: int, warmup: int,
-                 data_dir: str | None, device: str, cached: bool, whole_model_path: bool,
+def interleaved_step_times(clients: dict[str, ClientUnderTest], steps: int, warmup: int,
+                           cached: tuple[str, ...] = (),
+                           whole_model: tuple[str, ...] = ()) -> dict[str, dict]:
+    """Step times of every client, taken in turns (one step of each, ``steps`` times), so a
+    change in the machine's load during the run falls on every method alike. Cached steps
+    are timed for the clients named in ``cached`` that have a frozen emulator."""
+    kinds = {}
+    for name, client in clients.items():
+        kinds[name] = {"step_times": client.step}
+        if client.cache is not None and name in cached:
+            kinds[name]["step_times_cached"] = client.cached_step
+        if name in whole_model:
+            kinds[name]["step_times_whole_model_path"] = client.whole_model_step
+    out = {name: {} for name in clients}
+    for name, client in clients.items():
+        if "step_times_cached" in kinds[name]:
+            out[name]["cache_fill_seconds_per_example"] = client.fill_cache()
+        for run in kinds[name].values():
+            for _ in range(warmup):
+                run()
+    for _ in range(steps):
+        for name, client in clients.items():
+            for key, run in kinds[name].items():
+                out[name].setdefault(key, []).extend(timed(run, 1, client.device))
+    for name, client in clients.items():
+        if "step_times_cached" in kinds[name]:
+            out[name]["cache"] = client.cache.stats()
+    for figures in out.values():
+        for key in [k for k in figures if k.startswith("step_times")]:
+            figures[key.replace("step_times", "step_seconds")] = statistics.median(figures[key])
+    return out
+
+
+def probe_client(folder: Path | str, seq_len: int, batch_size: int, warmup: int,
+                 data_dir: str | None, device: str, cached: bool = True,
                  env: dict | None = None) -> dict:
-    """``measure_client`` in a fresh Python process (so peak memory is this method's alone)."""
+    """``measure_memory_and_flops`` in a fresh Python process (peak memory is its alone)."""
     command = [sys.executable, "-m", "fedsoda.benchmark", "--folder", str(folder),
-               "--seq-len", str(seq_len), "--batch-size", str(batch_size), "--steps", str(steps),
+               "--seq-len", str(seq_len), "--batch-size", str(batch_size),
                "--warmup", str(warmup), "--device", device]
     command += ["--data-dir", str(data_dir)] if data_dir else []
-    command += ["--cached"] if cached else []
-    command += ["--whole-model-path"] if whole_model_path else []
+    command += [] if cached else ["--no-cache"]
     done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"client probe of {folder} failed: {done.stderr[-3000:]}")
@@ -245,16 +292,14 @@ def main() -> None:
     parser.add_argument("--folder", required=True)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--cached", action="store_true")
-    parser.add_argument("--whole-model-path", action="store_true")
+    parser.add_argument("--no-cache", action="store_true", help="skip the cached step")
     args = parser.parse_args()
-    print(json.dumps(measure_client(args.folder, args.seq_len, args.batch_size, args.steps,
-                                    args.warmup, args.data_dir, args.device, args.cached,
-                                    args.whole_model_path)))
+    print(json.dumps(measure_memory_and_flops(args.folder, args.seq_len, args.batch_size,
+                                              args.warmup, args.data_dir, args.device,
+                                              cached=not args.no_cache)))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,13 @@ from pathlib import Path
 
 import torch
 
-from fedsoda.benchmark import matmul_throughput, probe_client
+from fedsoda.benchmark import (
+    ClientUnderTest,
+    interleaved_step_times,
+    matmul_throughput,
+    probe_client,
+    workload,
+)
 from fedsoda.surgery.plan import PruneSettings
 from fedsoda.training import configure_threads
 
@@ -208,6 +214,7 @@ def run_bench(model: str, methods: list[str], quick: bool = False, steps: int | 
     steps, warmup = steps or (3 if quick else 10), 1 if quick else 2
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     threads = configure_threads(threads)
+    from fedsoda.methods import get_recipe
     from fedsoda.models import cache_dir, load_config
 
     config = load_config(model)
@@ -218,14 +225,22 @@ def run_bench(model: str, methods: list[str], quick: bool = False, steps: int | 
     root = cache_dir() / "bench" / Path(str(model)).name
     figures, server = build_client_models(model, methods, data_dir, prune, root, quick)
     env = {**os.environ, "FEDSODA_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+    # FedBiOT's trainer could use the cache, its schedule cannot: realigned every round.
+    cached = tuple(m for m in methods if get_recipe(m).realign != "every_round")
     for name in methods:
-        _log(f"{name}: client steps in a fresh process ({warmup} warm-up + {steps} timed)")
-        probe_began = time.perf_counter()
-        probe = probe_client(figures[name]["folder"], seq_len, batch_size, steps, warmup,
-                             data_dir, device, cached=name != "fedbiot",
-                             whole_model_path=name == "fedsoda" and not quick, env=env)
-        figures[name].update(probe, probe_seconds=time.perf_counter() - probe_began)
-        if name == "fedbiot":
+        _log(f"{name}: peak memory and FLOPs in a fresh process")
+        figures[name].update(probe_client(figures[name]["folder"], seq_len, batch_size, warmup,
+                                          data_dir, device, cached=name in cached, env=env))
+    _log(f"step times, all methods in turns: {warmup} warm-up + {steps} timed each")
+    pool = workload(figures[methods[0]]["folder"], seq_len, batch_size, data_dir)
+    clients = {name: ClientUnderTest(figures[name]["folder"], pool, batch_size, device)
+               for name in methods}
+    timings = interleaved_step_times(clients, steps, warmup, cached=cached,
+                                     whole_model=() if quick else ("fedsoda",))
+    del clients
+    for name in methods:
+        figures[name].update(timings[name])
+        if get_recipe(name).realign == "every_round":
             figures[name]["cache_note"] = ("realigned every round: the cache would be emptied "
                                            "every round, so its steady step is the uncached one")
         efficiency(figures[name], throughput)
