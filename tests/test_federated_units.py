@@ -113,8 +113,10 @@ def test_shipped_configs_open_with_their_command_and_parse():
     configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
     assert configs
     for path in configs:
-        assert path.read_text().splitlines()[0] == f"# fedsoda run configs/{path.name}" or \
-            path.read_text().splitlines()[0].startswith(f"# fedsoda run configs/{path.name} ")
+        first = path.read_text().splitlines()[0]
+        command = f"configs/{path.name}"
+        assert any(first == f"# fedsoda {verb} {command}" or first.startswith(f"# fedsoda {verb} {command} ")
+                   for verb in ("run", "compare")), first
         load_config(path)
 
 
