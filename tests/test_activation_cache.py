@@ -186,3 +186,49 @@ def test_models_without_a_frozen_prefix_train_without_the_cache():
     model = attach_lora(tiny_model(layers=4), [0, 1, 2, 3], LoraSpec())
     trainer = LocalTrainer(model, [0, 1, 2, 3], lr=1e-3, mu=0.0, pad_id=PAD, cache=ActivationCache())
     assert trainer.split.prefix is None and trainer.cache is None
+
+
+def test_the_client_app_trains_from_the_cache_and_empties_it_on_a_new_emulator(
+        tiny_model_dir, shared_data, monkeypatch):
+    from flwr.app import Context, Message, Metadata, RecordDict
+
+    from fedsoda.federated import client_app
+    from fedsoda.federated.messages import to_record
+    from fedsoda.models import load
+    from fedsoda.surgery.build import save_sub_llm
+
+    full, tokenizer = load(str(tiny_model_dir))
+    folder = client_app.node_storage(0) / "cafe"
+    sub = make_sub_llm(full, uniform_plan("tiny", 10, adapter_layers=3, n=2, p=2), folder, tokenizer,
+                       quantization="nf4", emulator_lora="starts")
+    save_sub_llm(sub, folder)
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(),
+                      run_config={})
+    # 2,000 partitions of SST-2: ~34 examples drawn 48 times per round, so examples repeat.
+    base = dict(model_hash="cafe", task="sst2", data_dir=str(shared_data), clients=2000,
+                partition="iid", seed=0, max_tokens=48, local_steps=6, batch_size=8, lr=1e-3, mu=0.0)
+
+    def train(round_number: int, emulator=None) -> dict:
+        content = {"adapter": to_record(sub.adapter_lora()),
+                   "config": client_app.train_config(round=round_number, **base)}
+        if emulator is not None:
+            content["emulator"] = to_record(emulator)
+        metadata = Metadata(run_id=1, message_id=f"m{round_number}", src_node_id=0, dst_node_id=1,
+                            reply_to_message_id="", group_id="", created_at=0.0, ttl=3600.0,
+                            message_type="train")
+        reply = client_app.train(Message(RecordDict(content), metadata=metadata), context)
+        return dict(reply.content["metrics"])
+
+    first = train(1)
+    assert first["cache_hits"] > 0 and first["cache_hits"] + first["cache_misses"] == 48
+    second = train(2)
+    assert second["cache_hits"] > first["cache_hits"]  # round 1's examples are still valid
+
+    # After two rounds (96 draws) nearly every example is cached; a realignment empties the
+    # cache, so the ~26 distinct examples of 48 draws are all computed again.
+    third = train(3, emulator={k: v + 0.01 for k, v in sub.emulator_lora().items()})
+    assert third["cache_misses"] >= 10 and third["cache_misses"] > 2 * second["cache_misses"]
+
+    monkeypatch.setenv("FEDSODA_ACTIVATION_CACHE", "0")
+    off = train(4)
+    assert (off["cache_hits"], off["cache_misses"]) == (0, 0)

@@ -128,15 +128,15 @@ def train(message: Message, context: Context) -> Message:
         cache = _activation_cache(str(folder), key, int(config.get("activation_cache_mib", 256)))
         if "emulator" in message.content:
             cache.invalidate()  # the fingerprint check would catch it too; say it plainly
-    hits, misses = (cache.hits, cache.misses) if cache else (0, 0)
+    hits, misses = (cache.hits, cache.misses) if cache is not None else (0, 0)
     seed = zlib.crc32(json.dumps([int(config["seed"]), int(config["round"]), pid]).encode())
     result = local_train(sub.model, sub.adapter_layers, examples, int(config["local_steps"]),
                          int(config["batch_size"]), float(config["lr"]), float(config["mu"]),
                          seed, sub_pad_id(folder), cache=cache)
     metrics = MetricRecord({"num_examples": len(examples), "train_loss": result["loss"],
                             "seconds": result["seconds"], "partition_id": pid,
-                            "cache_hits": cache.hits - hits if cache else 0,
-                            "cache_misses": cache.misses - misses if cache else 0})
+                            "cache_hits": cache.hits - hits if cache is not None else 0,
+                            "cache_misses": cache.misses - misses if cache is not None else 0})
     return Message(RecordDict({"adapter": to_record(result["state"]), "metrics": metrics}),
                    reply_to=message)
 
