@@ -18,6 +18,7 @@ to exactly ``seq_len`` tokens, with the loss on the target's answer token(s) onl
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import random
@@ -45,7 +46,7 @@ def fixed_length_examples(tokenizer, seq_len: int, count: int, data_dir: str | N
     rows = load_rows(task, task.train_split, data_dir)
     order = random.Random(seed).sample(range(len(rows)), min(len(rows), count * 16))
     special = special_prefix(tokenizer)
-    targets, shots = order[:count], iter(order[count:])
+    targets, shots = order[:count], itertools.cycle(order[count:])  # long seq_len: reuse shots
     out = []
     for index in targets:
         target = encode_for_training(tokenizer, task.to_example(rows[index]), seq_len - len(special))
