@@ -121,3 +121,21 @@ def test_one_tiny_bench_run_writes_every_figure(tiny_model_dir, shared_data, tmp
     assert set(result["server"]) >= {"sgp_seconds", "pre_align_seconds", "realign_seconds"}
     assert result["machine"]["torch"] == torch.__version__ and result["machine"]["cores"] >= 1
     assert result["ratios"]["vs_fedpetuning"]["fedsoda"]["step_flops"] < 1
+
+
+def test_client_threads_take_the_env_then_the_idle_cores(monkeypatch):
+    from fedsoda import training
+
+    monkeypatch.setenv("FEDSODA_THREADS", "3")
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    assert training.client_threads() == 3
+    monkeypatch.delenv("FEDSODA_THREADS")
+    assert training.client_threads() == 5  # Ray sets this for a simulated client
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(training.os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3})
+    monkeypatch.setattr(training.os, "getloadavg", lambda: (2.6, 0.0, 0.0))
+    assert training.client_threads() == 1  # 4 cores, 2.6 busy: round(1.4)
+    monkeypatch.setattr(training.os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+    assert training.client_threads() == 1  # never fewer than one
+    monkeypatch.setattr(training.os, "getloadavg", lambda: (0.1, 0.0, 0.0))
+    assert training.client_threads() == 4
