@@ -129,6 +129,8 @@ def _add_bench(commands) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: FEDSODA_THREADS, else the idle cores)")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", default="bench.json")
 

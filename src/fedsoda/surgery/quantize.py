@@ -1,8 +1,9 @@
 """NF4 quantization of a (sub-)LLM with bitsandbytes, as clients hold and run it (QLoRA).
 
 The stored artifact keeps the linear projections in NF4 with double quantization and every
-other tensor (embeddings, norms) in bf16. At run time the leftovers are loaded in float32 on
-CPU (bf16 on CUDA) while the 4-bit matmuls compute in bf16.
+other tensor (embeddings, norms) in bf16. At run time the 4-bit matmuls compute in bf16, and
+the leftovers stay in their stored bf16: transformers keeps a pre-quantized checkpoint's dtype
+even where ``load_nf4`` asks for float32 on CPU.
 """
 
 from __future__ import annotations
