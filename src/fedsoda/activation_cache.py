@@ -70,6 +70,16 @@ def run_prefix(split: FrozenSplit, batch: dict[str, torch.Tensor]) -> torch.Tens
                                   use_cache=False).last_hidden_state
 
 
+def answer_cross_entropy(lm_head: nn.Module, last_hidden: torch.Tensor,
+                         labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of next-token predictions at answer tokens; the LM head runs only
+    there (the rest of the sequence has no label)."""
+    targets = labels[:, 1:]
+    where = targets != IGNORE_INDEX
+    logits = lm_head(last_hidden[:, :-1][where]).float()
+    return F.cross_entropy(logits, targets[where])
+
+
 def split_answer_loss(split: FrozenSplit, batch: dict[str, torch.Tensor],
                       hidden: torch.Tensor | None = None) -> torch.Tensor:
     """Mean cross-entropy over answer tokens; the tail starts from ``hidden`` when given.
@@ -83,10 +93,7 @@ def split_answer_loss(split: FrozenSplit, batch: dict[str, torch.Tensor],
     else:
         hidden = run_prefix(split, batch) if hidden is None else hidden
         out = split.tail.model(inputs_embeds=hidden, attention_mask=mask, use_cache=False)
-    targets = batch["labels"][:, 1:]
-    where = targets != IGNORE_INDEX
-    logits = split.tail.lm_head(out.last_hidden_state[:, :-1][where]).float()
-    return F.cross_entropy(logits, targets[where])
+    return answer_cross_entropy(split.tail.lm_head, out.last_hidden_state, batch["labels"])
 
 
 def uncacheable_reason(split: FrozenSplit) -> str | None:

@@ -14,10 +14,10 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from fedsoda.activation_cache import (
     ActivationCache,
+    answer_cross_entropy,
     cached_prefix,
     frozen_fingerprint,
     frozen_split,
@@ -48,10 +48,7 @@ def answer_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tenso
     base = unwrap(model)
     hidden = base.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                         use_cache=False).last_hidden_state
-    targets = batch["labels"][:, 1:]
-    where = targets != IGNORE_INDEX
-    logits = base.lm_head(hidden[:, :-1][where]).float()
-    return F.cross_entropy(logits, targets[where])
+    return answer_cross_entropy(base.lm_head, hidden, batch["labels"])
 
 
 def proximal_term(params: dict[str, nn.Parameter], anchor: dict[str, torch.Tensor]) -> torch.Tensor:
