@@ -46,18 +46,32 @@ def peak_since_window() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def peak_bytes(cuda: bool, baseline: int) -> int:
+    """The step's peak: CUDA max allocated, or peak RSS above ``baseline`` on CPU."""
+    if cuda:
+        import torch
+
+        return torch.cuda.max_memory_allocated()
+    return peak_since_window() - baseline
+
+
+def run_probe(module: str, arguments: list[str], what: str, env: dict | None = None) -> dict:
+    """Run ``python -m module arguments`` in a fresh process; the JSON of its last line."""
+    done = subprocess.run([sys.executable, "-m", module, *arguments], capture_output=True,
+                          text=True, check=False, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"{what} failed: {done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def client_peak_memory(folder: Path | str, task: str, batch_size: int, max_tokens: int,
                        data_dir: str | None, steps: int = 2) -> int:
     """Peak memory of a client training step on the sub-LLM in ``folder`` (fresh process)."""
-    command = [sys.executable, "-m", "fedsoda.accounting", "--folder", str(folder), "--task", task,
-               "--batch-size", str(batch_size), "--max-tokens", str(max_tokens),
-               "--steps", str(steps)]
+    arguments = ["--folder", str(folder), "--task", task, "--batch-size", str(batch_size),
+                 "--max-tokens", str(max_tokens), "--steps", str(steps)]
     if data_dir:
-        command += ["--data-dir", str(data_dir)]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"memory probe failed: {done.stderr[-2000:]}")
-    return int(json.loads(done.stdout.strip().splitlines()[-1])["peak_bytes"])
+        arguments += ["--data-dir", str(data_dir)]
+    return int(run_probe("fedsoda.accounting", arguments, "memory probe")["peak_bytes"])
 
 
 def _probe(args: argparse.Namespace) -> dict:
@@ -80,9 +94,9 @@ def _probe(args: argparse.Namespace) -> dict:
     sub = open_sub_llm(args.folder)
     local_train(sub.model, sub.adapter_layers, examples, args.steps, args.batch_size, 1e-4, 0.01,
                 0, pad_id(tokenizer))
-    if torch.cuda.is_available():
-        return {"peak_bytes": torch.cuda.max_memory_allocated(), "device": "cuda"}
-    return {"peak_bytes": peak_since_window() - baseline, "device": "cpu", "baseline_bytes": baseline}
+    cuda = torch.cuda.is_available()
+    return {"peak_bytes": peak_bytes(cuda, baseline), "device": "cuda" if cuda else "cpu",
+            "baseline_bytes": baseline}
 
 
 def main() -> None:

@@ -23,15 +23,13 @@ import json
 import math
 import random
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from fedsoda.accounting import peak_since_window, start_peak_window
+from fedsoda.accounting import peak_bytes, run_probe, start_peak_window
 
 POOL_BATCHES = 4  # steps draw their mini-batches from batch_size * POOL_BATCHES examples
 
@@ -136,12 +134,6 @@ def matmul_throughput(device: str, m: int, k: int, n: int, seconds: float = 1.0)
     return out
 
 
-def _peak(device: torch.device, baseline: int) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated()
-    return peak_since_window() - baseline
-
-
 class ClientUnderTest:
     """One method's client model, loaded from its folder, with a trainer and a workload."""
 
@@ -222,7 +214,8 @@ def measure_memory_and_flops(folder: str, seq_len: int, batch_size: int, warmup:
     flops = count_flops(client.step)  # the first warm-up step; the counter holds no tensors
     for _ in range(warmup - 1):
         client.step()
-    result = {"peak_memory_bytes": _peak(client.device, baseline), "baseline_bytes": baseline,
+    cuda = client.device.type == "cuda"
+    result = {"peak_memory_bytes": peak_bytes(cuda, baseline), "baseline_bytes": baseline,
               "device": client.device.type, "threads": threads, "step_flops": flops,
               "frozen_layers": client.trainer.split.first_trainable,
               "trainable_layers": client.sub.adapter_layers}
@@ -236,7 +229,7 @@ def measure_memory_and_flops(folder: str, seq_len: int, batch_size: int, warmup:
     client.fill_cache()
     result["step_flops_cached"] = count_flops(client.cached_step)
     client.cached_step()
-    return result | {"peak_memory_bytes_cached": _peak(client.device, baseline),
+    return result | {"peak_memory_bytes_cached": peak_bytes(cuda, baseline),
                      "cache_bytes_per_example": client.cache.memory_bytes / len(pool)}
 
 
@@ -277,15 +270,11 @@ def probe_client(folder: Path | str, seq_len: int, batch_size: int, warmup: int,
                  data_dir: str | None, device: str, cached: bool = True,
                  env: dict | None = None) -> dict:
     """``measure_memory_and_flops`` in a fresh Python process (peak memory is its alone)."""
-    command = [sys.executable, "-m", "fedsoda.benchmark", "--folder", str(folder),
-               "--seq-len", str(seq_len), "--batch-size", str(batch_size),
-               "--warmup", str(warmup), "--device", device]
-    command += ["--data-dir", str(data_dir)] if data_dir else []
-    command += [] if cached else ["--no-cache"]
-    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
-    if done.returncode != 0:
-        raise RuntimeError(f"client probe of {folder} failed: {done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    arguments = ["--folder", str(folder), "--seq-len", str(seq_len), "--batch-size",
+                 str(batch_size), "--warmup", str(warmup), "--device", device]
+    arguments += ["--data-dir", str(data_dir)] if data_dir else []
+    arguments += [] if cached else ["--no-cache"]
+    return run_probe("fedsoda.benchmark", arguments, f"client probe of {folder}", env)
 
 
 def main() -> None:
