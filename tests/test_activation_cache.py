@@ -95,13 +95,20 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 TOLERANCE = {"fp32": {"loss": 1e-5, "grad": 1e-4}, "nf4": {"loss": 1e-3, "grad": 0.1}}
 
 
+def client_and_reference(kind: str, tmp_path):
+    """A client of ``kind``, its examples, an empty cache, one batch and the uncached
+    loss and gradients on it."""
+    model, layers = fp32_client() if kind == "fp32" else nf4_client(tmp_path)
+    data, picks = examples(), [4, 0, 7, 2]
+    batch = collate([data[i] for i in picks], PAD)
+    return model, layers, data, ActivationCache(), picks, batch, *reference_loss_and_grads(
+        model, layers, batch)
+
+
 @pytest.mark.parametrize("kind", ["fp32", "nf4"])
 def test_cached_loss_and_every_adapter_gradient_equal_the_uncached_path(kind, tmp_path):
-    model, layers = fp32_client() if kind == "fp32" else nf4_client(tmp_path)
-    data, cache = examples(), ActivationCache()
-    picks = [4, 0, 7, 2]
-    batch = collate([data[i] for i in picks], PAD)
-    expected_loss, expected = reference_loss_and_grads(model, layers, batch)
+    model, layers, data, cache, picks, batch, expected_loss, expected = client_and_reference(
+        kind, tmp_path)
 
     # First draw fills the cache from a different batch (other widths, other neighbours).
     cached_loss_and_grads(model, layers, collate([data[i] for i in [7, 9, 4]], PAD), [7, 9, 4], cache)
@@ -118,11 +125,8 @@ def test_cached_loss_and_every_adapter_gradient_equal_the_uncached_path(kind, tm
 
 @pytest.mark.parametrize("kind", ["fp32", "nf4"])
 def test_cache_filled_at_the_same_width_is_bitwise_exact(kind, tmp_path):
-    model, layers = fp32_client() if kind == "fp32" else nf4_client(tmp_path)
-    data, cache = examples(), ActivationCache()
-    picks = [4, 0, 7, 2]
-    batch = collate([data[i] for i in picks], PAD)
-    expected_loss, expected = reference_loss_and_grads(model, layers, batch)
+    model, layers, _, cache, picks, batch, expected_loss, expected = client_and_reference(
+        kind, tmp_path)
     cached_loss_and_grads(model, layers, batch, picks, cache)  # fills all four
     loss, grads = cached_loss_and_grads(model, layers, batch, picks, cache)  # four hits
     assert cache.hits == 4 and torch.equal(loss, expected_loss)
