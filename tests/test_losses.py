@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from fedsoda.align.losses import alignment_loss, kl_divergence, masked_mse
+from fedsoda.align.losses import alignment_loss, kl_divergence, masked_mse, relative_mse
 
 
 def test_masked_mse_by_hand():
@@ -13,6 +13,22 @@ def test_masked_mse_by_hand():
     mask = torch.tensor([[1, 1, 0]])  # the padded third token must not count
     # token 0: (1 + 4) / 2 = 2.5; token 1: (0 + 1) / 2 = 0.5; mean over 2 tokens = 1.5
     assert masked_mse(teacher, student, mask).item() == 1.5
+
+
+def test_relative_mse_by_hand():
+    teacher = torch.tensor([[[3.0, 4.0], [1.0, 0.0], [9.0, 9.0]]])
+    student = torch.tensor([[[0.0, 4.0], [1.0, 1.0], [0.0, 0.0]]])
+    mask = torch.tensor([[1, 1, 0]])
+    # token 0: 9 / 25 = 0.36; token 1: 1 / 1 = 1; the padded token does not count
+    assert math.isclose(relative_mse(teacher, student, mask).item(), (0.36 + 1.0) / 2, rel_tol=1e-6)
+
+
+def test_relative_mse_ignores_the_scale_of_a_token():
+    # A 1000x larger token with the same relative error weighs the same as a small one.
+    teacher = torch.tensor([[[1.0, 0.0], [1000.0, 0.0]]])
+    student = torch.tensor([[[0.5, 0.0], [500.0, 0.0]]])
+    assert math.isclose(relative_mse(teacher, student, torch.ones(1, 2)).item(), 0.25,
+                        rel_tol=1e-6)
 
 
 def test_kl_by_hand():

@@ -70,6 +70,16 @@ def test_alignment_trains_only_emulator_lora_and_lowers_kl(setup):
     assert not any(p.requires_grad for p in sub.model.parameters()), "left trainable"
 
 
+def test_relative_representation_loss_aligns_too(setup):
+    _, sub, teacher = setup
+    cache = cache_teacher(teacher, PLAN, random_batches(4))
+    before = measure(teacher, sub.model, PLAN, cache, "relative")
+    settings = AlignSettings(lr=1e-2, alpha=1.0, beta=0.0, rep_loss="relative")
+    align(teacher, sub.model, PLAN, cache, settings, epochs=5)
+    after = measure(teacher, sub.model, PLAN, cache, "relative")
+    assert after["rep"] < 0.9 * before["rep"]
+
+
 def test_realign_subset_is_seeded_and_bounded():
     cache = cache_teacher(tiny_model(), PLAN, random_batches(10))
     settings = AlignSettings(realign_samples=9, batch_size=3)
@@ -83,3 +93,5 @@ def test_bad_settings():
         AlignSettings(alpha=0, beta=0)
     with pytest.raises(ValueError):
         AlignSettings(lr=0)
+    with pytest.raises(ValueError, match="rep_loss"):
+        AlignSettings(rep_loss="cosine")

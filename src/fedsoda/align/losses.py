@@ -13,6 +13,23 @@ def masked_mse(teacher: torch.Tensor, student: torch.Tensor, mask: torch.Tensor)
     return (per_token * weights).sum() / weights.sum()
 
 
+def relative_mse(teacher: torch.Tensor, student: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Squared error relative to the teacher's norm, per real token, then averaged.
+
+    Scale-free: a token whose hidden state carries a massive activation (SmolLM2's first
+    token is ~1e3 times the others) weighs as much as any other token, so the loss follows
+    the direction and size of every token's state instead of a handful of huge channels.
+    """
+    weights = mask.to(torch.float32)
+    teacher, student = teacher.float(), student.float()
+    error = (teacher - student).pow(2).sum(dim=-1)
+    per_token = error / teacher.pow(2).sum(dim=-1).clamp_min(1e-6)
+    return (per_token * weights).sum() / weights.sum()
+
+
+REPRESENTATION_LOSSES = {"mse": masked_mse, "relative": relative_mse}
+
+
 def kl_divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
     """``KL(p_teacher || p_student)`` over the last dim, averaged over the rows (real tokens)."""
     teacher_log = F.log_softmax(teacher_logits.float(), dim=-1)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fedsoda.align.losses import alignment_loss, kl_divergence, masked_mse
+from fedsoda.align.losses import REPRESENTATION_LOSSES, alignment_loss, kl_divergence
 from fedsoda.data.public import public_batches
 from fedsoda.models import unwrap
 from fedsoda.surgery.lora import set_trainable
@@ -45,6 +45,9 @@ class AlignSettings:
     # so the raw MSE is ~3e4 and swamps the KL at alpha=1 (KL -47% vs -71% at 1e-4).
     alpha: float = 1e-4
     beta: float = 1.0  # weight of KL(full || sub)
+    # "mse" is the paper's L_inter/L_final; "relative" divides each token's squared error by
+    # the teacher state's squared norm (see ``relative_mse``).
+    rep_loss: str = "mse"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -54,6 +57,9 @@ class AlignSettings:
             raise ValueError("alignment epochs must be >= 0 and lr > 0")
         if self.alpha < 0 or self.beta < 0 or self.alpha + self.beta == 0:
             raise ValueError("alpha and beta must be >= 0 and not both 0")
+        if self.rep_loss not in REPRESENTATION_LOSSES:
+            raise ValueError(f"align.rep_loss must be one of {sorted(REPRESENTATION_LOSSES)}, "
+                             f"got {self.rep_loss!r}")
 
 
 @dataclass(frozen=True)
@@ -120,29 +126,30 @@ def teacher_logits(teacher: nn.Module, plan: PruningPlan, batch: dict,
 
 def student_losses(student: nn.Module, plan: PruningPlan, batch: dict,
                    hidden: dict[int, torch.Tensor],
-                   target_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+                   target_logits: torch.Tensor, rep_loss: str = "mse") -> dict[str, torch.Tensor]:
     """``inter``, ``final`` and ``kl`` of the student on one batch (with autograd)."""
     layout = Layout.of(plan)
+    distance = REPRESENTATION_LOSSES[rep_loss]
     base = unwrap(student)
     mask = batch["attention_mask"]
     wanted = [s for _, s in layout.pairs] + [layout.final[1]]
     with capture_layer_outputs(student, wanted) as out:
         result = base.model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False)
         logits = base.lm_head(result.last_hidden_state[_real(mask)])
-        inter = sum((masked_mse(hidden[t], out[s], mask) for t, s in layout.pairs),
+        inter = sum((distance(hidden[t], out[s], mask) for t, s in layout.pairs),
                     start=torch.zeros(()))
-        final = masked_mse(hidden[layout.final[0]], out[layout.final[1]], mask)
+        final = distance(hidden[layout.final[0]], out[layout.final[1]], mask)
     return {"inter": inter, "final": final, "kl": kl_divergence(target_logits, logits)}
 
 
 @torch.no_grad()
 def measure(teacher: nn.Module, student: nn.Module, plan: PruningPlan,
-            cache: TeacherCache) -> dict[str, float]:
+            cache: TeacherCache, rep_loss: str = "mse") -> dict[str, float]:
     """Mean ``kl`` (full || sub) and ``rep`` (L_inter + L_final) over the cached batches."""
     totals = {"kl": 0.0, "rep": 0.0}
     for batch, hidden in zip(cache.batches, cache.hidden, strict=True):
         parts = student_losses(student, plan, batch, hidden,
-                               teacher_logits(teacher, plan, batch, hidden))
+                               teacher_logits(teacher, plan, batch, hidden), rep_loss)
         totals["kl"] += parts["kl"].item()
         totals["rep"] += (parts["inter"] + parts["final"]).item()
     return {key: value / len(cache.batches) for key, value in totals.items()}
@@ -173,7 +180,8 @@ def align(teacher: nn.Module, student: nn.Module, plan: PruningPlan, cache: Teac
         for index in indices:
             batch, hidden = cache.batches[index], cache.hidden[index]
             parts = student_losses(student, plan, batch, hidden,
-                                   teacher_logits(teacher, plan, batch, hidden))
+                                   teacher_logits(teacher, plan, batch, hidden),
+                                   settings.rep_loss)
             loss = alignment_loss(parts["inter"], parts["final"], parts["kl"],
                                   settings.alpha, settings.beta)
             if not math.isfinite(loss.item()):
@@ -209,10 +217,10 @@ def pre_align(teacher: nn.Module, student: nn.Module, plan: PruningPlan, public:
               lora_layers: list[int] | None = None) -> dict:
     """Pre-alignment (``E_p`` epochs), with KL and representation loss measured on the
     held-out cache before and after."""
-    before = measure(teacher, student, plan, heldout)
+    before = measure(teacher, student, plan, heldout, settings.rep_loss)
     result = align(teacher, student, plan, public, settings, settings.epochs, on_step=on_step,
                    lora_layers=lora_layers)
-    after = measure(teacher, student, plan, heldout)
+    after = measure(teacher, student, plan, heldout, settings.rep_loss)
     return {"kl_before": before["kl"], "kl_after": after["kl"], "rep_before": before["rep"],
             "rep_after": after["rep"],
             "kl_reduction": 1 - after["kl"] / before["kl"] if before["kl"] else 0.0,
