@@ -192,8 +192,10 @@ def test_models_without_a_frozen_prefix_train_without_the_cache():
     assert trainer.split.prefix is None and trainer.cache is None
 
 
-def test_the_client_app_trains_from_the_cache_and_empties_it_on_a_new_emulator(
-        tiny_model_dir, shared_data, monkeypatch):
+@pytest.fixture
+def client_in_storage(tiny_model_dir, shared_data):
+    """A client holding a tiny NF4 sub-LLM, and a ``train(round, run, emulator)`` that sends
+    it a train message as the server would."""
     from flwr.app import Context, Message, Metadata, RecordDict
 
     from fedsoda.federated import client_app
@@ -212,9 +214,9 @@ def test_the_client_app_trains_from_the_cache_and_empties_it_on_a_new_emulator(
     base = dict(model_hash="cafe", task="sst2", data_dir=str(shared_data), clients=2000,
                 partition="iid", seed=0, max_tokens=48, local_steps=6, batch_size=8, lr=1e-3, mu=0.0)
 
-    def train(round_number: int, emulator=None) -> dict:
+    def train(round_number: int, run: str = "run-a", emulator=None) -> dict:
         content = {"adapter": to_record(sub.adapter_lora()),
-                   "config": client_app.train_config(round=round_number, **base)}
+                   "config": client_app.train_config(round=round_number, run=run, **base)}
         if emulator is not None:
             content["emulator"] = to_record(emulator)
         metadata = Metadata(run_id=1, message_id=f"m{round_number}", src_node_id=0, dst_node_id=1,
@@ -223,7 +225,13 @@ def test_the_client_app_trains_from_the_cache_and_empties_it_on_a_new_emulator(
         reply = client_app.train(Message(RecordDict(content), metadata=metadata), context)
         return dict(reply.content["metrics"])
 
-    first = train(1)
+    return sub, folder, train
+
+
+def test_the_client_app_trains_from_the_cache_and_empties_it_on_a_new_emulator(
+        client_in_storage, monkeypatch):
+    sub, _, train = client_in_storage
+    first = train(1, emulator=sub.emulator_lora())  # a run's first round carries the emulator
     assert first["cache_hits"] > 0 and first["cache_hits"] + first["cache_misses"] == 48
     second = train(2)
     assert second["cache_hits"] > first["cache_hits"]  # round 1's examples are still valid
@@ -236,3 +244,21 @@ def test_the_client_app_trains_from_the_cache_and_empties_it_on_a_new_emulator(
     monkeypatch.setenv("FEDSODA_ACTIVATION_CACHE", "0")
     off = train(4)
     assert (off["cache_hits"], off["cache_misses"]) == (0, 0)
+
+
+def test_two_runs_sharing_a_sub_llm_keep_their_own_emulator_lora(client_in_storage):
+    from fedsoda.federated import client_app
+    from fedsoda.surgery.lora import read_lora
+
+    sub, folder, train = client_in_storage
+    mine = {k: v + 0.01 for k, v in sub.emulator_lora().items()}
+    theirs = {k: v - 0.02 for k, v in sub.emulator_lora().items()}
+    train(1, run="run-a", emulator=mine)
+    train(1, run="run-b", emulator=theirs)  # another run on the same machine realigned
+    train(2, run="run-a")  # no emulator: run A's own copy must be used
+    used = client_app._sub_llm(str(folder)).emulator_lora()
+    assert all(torch.equal(used[k], mine[k]) for k in mine)
+    stored = read_lora(client_app.emulator_path(folder, "run-b"))
+    assert all(torch.equal(stored[k], theirs[k]) for k in theirs)
+    with pytest.raises(FileNotFoundError, match="emulator LoRA of run run-c"):
+        train(1, run="run-c")  # a run that never sent its emulator to this client

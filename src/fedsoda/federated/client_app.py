@@ -49,6 +49,16 @@ def node_storage(partition: int) -> Path:
     return cache_dir() / "clients" / f"client-{partition}"
 
 
+def emulator_path(folder: Path, run_key: str) -> Path:
+    """This run's emulator LoRA on the client.
+
+    Kept per run: two runs on one machine can share a sub-LLM (same weights and layout, so
+    the same content hash and folder) while realigning differently, and one must not
+    overwrite the other's emulator LoRA.
+    """
+    return folder / "runs" / run_key / "emulator_lora.safetensors"
+
+
 def _holds(partition: int, model_hash: str) -> bool:
     return (node_storage(partition) / model_hash / "model" / "config.json").exists()
 
@@ -62,8 +72,8 @@ def _sub_llm(folder: str) -> SubLLM:
 
 @lru_cache(maxsize=16)
 def _activation_cache(folder: str, examples_key: tuple, max_mib: int) -> ActivationCache:
-    # One cache per model and client data (a simulation actor may serve several clients);
-    # what exceeds the memory budget goes to the client's own storage.
+    # One cache per run and client data (a simulation actor may serve several clients);
+    # what exceeds the memory budget goes to the client's own storage, in the run's folder.
     spill = Path(folder) / "activations" / f"{zlib.crc32(repr(examples_key).encode()):08x}"
     return ActivationCache(max_bytes=max_mib * MiB, spill_dir=spill, max_disk_bytes=4096 * MiB)
 
@@ -103,7 +113,9 @@ def deliver(message: Message, context: Context) -> Message:
     for name in ("lora.json", "plan.json"):
         (folder / name).write_text(str(config[name]))
     write_files(message.content["model"], folder / "model")
-    save_lora(from_record(message.content["emulator"]), folder / "emulator_lora.safetensors")
+    emulator = from_record(message.content["emulator"])
+    save_lora(emulator, folder / "emulator_lora.safetensors")
+    save_lora(emulator, emulator_path(folder, str(config["run"])))
     return Message(RecordDict({"metrics": MetricRecord({"ok": 1})}), reply_to=message)
 
 
@@ -114,10 +126,16 @@ def train(message: Message, context: Context) -> Message:
     folder = node_storage(pid) / str(config["model_hash"])
     if not _holds(pid, str(config["model_hash"])):
         raise FileNotFoundError(f"client {pid} does not hold sub-LLM {config['model_hash']}")
-    if "emulator" in message.content:  # a realignment happened: keep the new emulator LoRA
-        save_lora(from_record(message.content["emulator"]), folder / "emulator_lora.safetensors")
+    emulator = emulator_path(folder, str(config["run"]))
+    if "emulator" in message.content:  # the run's first round here, or a realignment
+        save_lora(from_record(message.content["emulator"]), emulator)
+    if not emulator.exists():
+        raise FileNotFoundError(f"client {pid} holds no emulator LoRA of run {config['run']} "
+                                f"({emulator}); the server sends it with a run's first train "
+                                "message to each client. Was this client's storage cleared "
+                                "during the run? Start the run afresh (a new --out).")
     sub = _sub_llm(str(folder))
-    load_lora_state(sub.model, read_lora(folder / "emulator_lora.safetensors"))
+    load_lora_state(sub.model, read_lora(emulator))
     load_lora_state(sub.model, from_record(message.content["adapter"]))
     key = (str(config["task"]), str(config["data_dir"]) or None, int(config["clients"]),
            str(config["partition"]), int(config["seed"]), pid, int(config["max_tokens"]),
@@ -125,7 +143,8 @@ def train(message: Message, context: Context) -> Message:
     examples = _examples(*key)
     cache = None
     if cache_enabled(config):
-        cache = _activation_cache(str(folder), key, int(config.get("activation_cache_mib", 256)))
+        cache = _activation_cache(str(emulator.parent), key,
+                                  int(config.get("activation_cache_mib", 256)))
         if "emulator" in message.content:
             cache.invalidate()  # the fingerprint check would catch it too; say it plainly
     hits, misses = (cache.hits, cache.misses) if cache is not None else (0, 0)

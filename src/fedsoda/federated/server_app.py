@@ -49,6 +49,14 @@ def client_model_hash(folder: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def run_key(cfg: RunConfig) -> str:
+    """Names this run's files on the clients (its emulator LoRA, its activation cache).
+
+    Derived from the run folder, so a resumed run finds what its clients already hold.
+    """
+    return hashlib.sha256(str(Path(cfg.out).resolve()).encode()).hexdigest()[:16]
+
+
 def wait_for_nodes(grid: Grid, count: int, timeout: float = 300.0) -> list[int]:
     began = time.monotonic()
     while len(nodes := sorted(grid.get_node_ids())) < count:
@@ -76,12 +84,12 @@ def handshake(grid: Grid, nodes: list[int], model_hash: str) -> tuple[dict[int, 
 
 
 def deliver(grid: Grid, nodes: list[int], models: server_models.ServerModels, model_hash: str,
-            emulator: dict) -> int:
+            emulator: dict, run: str) -> int:
     """Send the sub-LLM files (one-time download); returns the bytes sent."""
     if not nodes:
         return 0
     files = files_record(models.folder / "model")
-    config = ConfigRecord({"model_hash": model_hash,
+    config = ConfigRecord({"model_hash": model_hash, "run": run,
                            "lora.json": (models.folder / "lora.json").read_text(),
                            "plan.json": (models.folder / "plan.json").read_text()})
     content = RecordDict({"model": files, "emulator": to_record(emulator), "config": config})
@@ -101,8 +109,8 @@ def train_round(grid: Grid, cfg: RunConfig, state: ServerState, sampled: list[in
     messages = []
     for pid in sampled:
         content = RecordDict({"adapter": adapter_record, "config": train_config(
-            model_hash=model_hash, round=state.round + 1, task=cfg.task, data_dir=cfg.data_dir,
-            clients=cfg.clients, partition=cfg.partition, seed=cfg.seed,
+            model_hash=model_hash, run=run_key(cfg), round=state.round + 1, task=cfg.task,
+            data_dir=cfg.data_dir,            clients=cfg.clients, partition=cfg.partition, seed=cfg.seed,
             max_tokens=cfg.max_tokens, activation_cache=cfg.activation_cache,
             local_steps=cfg.local_steps, batch_size=cfg.batch_size,
             lr=cfg.lr, mu=cfg.mu)})
@@ -165,7 +173,8 @@ def play_round(session: Session, state: ServerState) -> tuple[RoundLog, dict]:
     sampled = sample_clients(cfg, state.round + 1)
     newcomers = [p for p in sampled if p not in session.holding]
     session.submodel_bytes += deliver(session.grid, [session.node_of[p] for p in newcomers],
-                                      models, session.model_hash, state.emulator)
+                                      models, session.model_hash, state.emulator,
+                                      run_key(cfg))
     session.holding.update(newcomers)
     for pid in newcomers:
         state.holders[str(pid)] = state.emulator_version  # the delivery carried it
