@@ -50,3 +50,26 @@ def test_report_writes_table_and_plot_and_refuses_mixed_settings(tmp_path, capsy
     assert "differ in task" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert "no summary.json" in capsys.readouterr().err
+
+
+def test_compare_refuses_a_folder_run_with_other_settings(tmp_path, capsys):
+    import dataclasses
+
+    from fedsoda.commands.compare import settings_differ
+    from fedsoda.federated.config import RunConfig
+
+    folder = tmp_path / "out" / "fedsoda-seed0"
+    folder.mkdir(parents=True)
+    RunConfig(method="fedsoda", lr=3e-4, out=str(folder)).save(folder / "config.toml")
+    assert main(["compare", "--task", "sst2", "--methods", "fedsoda", "--rounds", "10",
+                 "--out", str(tmp_path / "out")]) == 2
+    assert "other settings (lr: 0.0003 -> 0.0001)" in capsys.readouterr().err
+
+    # Alignment settings count only for methods that align.
+    pet = RunConfig(method="fedpetuning")
+    other_align = dataclasses.replace(pet, align=dataclasses.replace(pet.align, alpha=0.5))
+    assert settings_differ(other_align, pet) == []
+    soda = RunConfig(method="fedsoda")
+    other_soda = dataclasses.replace(soda, align=dataclasses.replace(soda.align, alpha=0.5))
+    assert settings_differ(other_soda, soda) == ["align.alpha: 0.5 -> 1.0"]
+    assert settings_differ(dataclasses.replace(soda, out="elsewhere", data_dir="x"), soda) == []

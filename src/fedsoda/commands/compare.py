@@ -1,12 +1,14 @@
 """`fedsoda compare` and `fedsoda report`: every method on the same data and seeds, one table.
 
 Each run writes its own folder ``OUT/<method>-seed<S>``; a finished one is skipped and an
-interrupted one resumed, so an interrupted comparison continues where it stopped.
+interrupted one resumed, so an interrupted comparison continues where it stopped. A folder
+whose run has other settings than the ones asked for is refused before anything runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from fedsoda.comparison import markdown_table, read_run, write_report
@@ -17,6 +19,32 @@ def _split(text: str, kind=str) -> list:
     if not items:
         raise ValueError(f"expected a comma-separated list, got {text!r}")
     return items
+
+
+# Where the data lives and where the run is written are not settings of the experiment.
+NOT_SETTINGS = ("out", "data_dir")
+
+
+def settings_differ(saved, wanted) -> list[str]:
+    """The settings in which a run folder's config differs from the requested one.
+
+    The alignment settings count only for methods that align (FedPETuning never does).
+    """
+    from fedsoda.methods import get_recipe
+
+    old, new = dataclasses.asdict(saved), dataclasses.asdict(wanted)
+    recipe = get_recipe(wanted.method)
+    skip = NOT_SETTINGS + (() if recipe.pre_align or recipe.realign != "never" else ("align",))
+    differ = []
+    for key in new:
+        if key in skip:
+            continue
+        if isinstance(new[key], dict):
+            differ += [f"{key}.{k}: {old[key].get(k)!r} -> {v!r}"
+                       for k, v in new[key].items() if old[key].get(k) != v]
+        elif old.get(key) != new[key]:
+            differ.append(f"{key}: {old.get(key)!r} -> {new[key]!r}")
+    return differ
 
 
 def compare_command(args: argparse.Namespace) -> list[dict]:
@@ -34,6 +62,12 @@ def compare_command(args: argparse.Namespace) -> list[dict]:
                      "eval_every": args.eval_every, "eval_limit": args.eval_limit,
                      "data_dir": args.data_dir}
             plans.append((folder, with_data_dir(load_config(args.config, args.set, **flags))))
+    for folder, cfg in plans:
+        if (folder / "config.toml").exists():
+            differ = settings_differ(load_config(folder / "config.toml"), cfg)
+            if differ:
+                raise ValueError(f"{folder} holds a run with other settings ({'; '.join(differ)}); "
+                                 "delete that folder or compare into another --out")
     from fedsoda.federated.simulation import simulate  # flwr and ray load only now
 
     for folder, cfg in plans:
