@@ -39,7 +39,9 @@ def main() -> None:
     args = parser.parse_args()
     plan = PruningPlan.load(args.plan)
     full, tokenizer = load(args.model)
-    base = AlignSettings()
+    # This sweep chose the weights of the paper's plain MSE; pin it and the KL weight it ran
+    # with, so it reproduces after the defaults moved to the relative loss.
+    base = AlignSettings(rep_loss="mse", alpha=1e-4, beta=1.0)
     with tempfile.TemporaryDirectory() as tmp:
         sub = make_sub_llm(full, plan, tmp, tokenizer, seed=base.seed)
         initial = sub.emulator_lora()
@@ -47,13 +49,13 @@ def main() -> None:
         began = time.perf_counter()
         train_cache, held_cache = public_caches(teacher, plan, tokenizer, base, args.data_dir)
         cache_seconds = time.perf_counter() - began
-        before = measure(teacher, sub.model, plan, held_cache)
+        before = measure(teacher, sub.model, plan, held_cache, base.rep_loss)
         results = []
         for knobs in GRID:
             load_lora_state(sub.model, initial)
             settings = dataclasses.replace(base, **knobs)
             run = align(teacher, sub.model, plan, train_cache, settings, settings.epochs)
-            after = measure(teacher, sub.model, plan, held_cache)
+            after = measure(teacher, sub.model, plan, held_cache, base.rep_loss)
             results.append({**knobs, "kl_before": before["kl"], "kl_after": after["kl"],
                             "rep_after": after["rep"], "seconds": run["seconds"],
                             "steps": run["steps"]})

@@ -59,10 +59,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--eval-limit", type=int, default=0)
     parser.add_argument("--settings", default=",".join(GRID),
-                        help=f"comma-separated subset of {', '.join(GRID)} plus 'oracle'")
+                        help=f"comma-separated subset of {', '.join(GRID)}")
     parser.add_argument("--no-oracle", action="store_true")
     parser.add_argument("--out", default="transfer_sweep.json")
     args = parser.parse_args()
+    names = args.settings.split(",")
+    if unknown := sorted(set(names) - set(GRID)):
+        parser.error(f"unknown settings {unknown}; choose from {', '.join(GRID)}")
     configure_threads()
     task = get_task("sst2")
     full, tokenizer = load(args.model)
@@ -95,9 +98,7 @@ def main() -> None:
             record("oracle", {"accuracy": evaluate(teacher, tokenizer, task, rows)["accuracy"],
                               "loss": trained["loss"], "train_seconds": trained["seconds"]})
             load_lora_state(teacher, initial_adapter)
-        for name in args.settings.split(","):
-            if name not in GRID:
-                continue
+        for name in names:
             overrides, lr = GRID[name]
             sub = make_sub_llm(full, plan, f"{tmp}/{name}", tokenizer, seed=base.seed)
             began = time.perf_counter()

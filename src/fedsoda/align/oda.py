@@ -130,7 +130,8 @@ def teacher_logits(teacher: nn.Module, plan: PruningPlan, batch: dict,
 
 def student_losses(student: nn.Module, plan: PruningPlan, batch: dict,
                    hidden: dict[int, torch.Tensor],
-                   target_logits: torch.Tensor, rep_loss: str = "mse") -> dict[str, torch.Tensor]:
+                   target_logits: torch.Tensor,
+                   rep_loss: str = AlignSettings.rep_loss) -> dict[str, torch.Tensor]:
     """``inter``, ``final`` and ``kl`` of the student on one batch (with autograd)."""
     layout = Layout.of(plan)
     distance = REPRESENTATION_LOSSES[rep_loss]
@@ -148,7 +149,7 @@ def student_losses(student: nn.Module, plan: PruningPlan, batch: dict,
 
 @torch.no_grad()
 def measure(teacher: nn.Module, student: nn.Module, plan: PruningPlan,
-            cache: TeacherCache, rep_loss: str = "mse") -> dict[str, float]:
+            cache: TeacherCache, rep_loss: str = AlignSettings.rep_loss) -> dict[str, float]:
     """Mean ``kl`` (full || sub) and ``rep`` (L_inter + L_final) over the cached batches."""
     totals = {"kl": 0.0, "rep": 0.0}
     for batch, hidden in zip(cache.batches, cache.hidden, strict=True):

@@ -34,7 +34,7 @@ def settings_differ(saved, wanted) -> list[str]:
 
     old, new = dataclasses.asdict(saved), dataclasses.asdict(wanted)
     recipe = get_recipe(wanted.method)
-    skip = NOT_SETTINGS + (() if recipe.pre_align or recipe.realign != "never" else ("align",))
+    skip = NOT_SETTINGS + (() if recipe.aligns else ("align",))
     differ = []
     for key in new:
         if key in skip:

@@ -106,10 +106,11 @@ def train_round(grid: Grid, cfg: RunConfig, state: ServerState, sampled: list[in
                 round_log: RoundLog) -> list[tuple[dict, float, int]]:
     """Send train messages; return the screened ``(update, weight, partition)`` triples."""
     adapter_record = to_record(state.adapter)
+    run = run_key(cfg)
     messages = []
     for pid in sampled:
         content = RecordDict({"adapter": adapter_record, "config": train_config(
-            model_hash=model_hash, run=run_key(cfg), round=state.round + 1, task=cfg.task,
+            model_hash=model_hash, run=run, round=state.round + 1, task=cfg.task,
             data_dir=cfg.data_dir,            clients=cfg.clients, partition=cfg.partition, seed=cfg.seed,
             max_tokens=cfg.max_tokens, activation_cache=cfg.activation_cache,
             local_steps=cfg.local_steps, batch_size=cfg.batch_size,

@@ -27,8 +27,13 @@ class Recipe:
     def __post_init__(self) -> None:
         if self.pruning not in PRUNING or self.realign not in REALIGN:
             raise ValueError(f"recipe {self.name}: pruning must be in {PRUNING}, realign in {REALIGN}")
-        if self.pruning == "none" and (self.pre_align or self.realign != "never"):
+        if self.pruning == "none" and self.aligns:
             raise ValueError(f"recipe {self.name}: nothing to align without pruning")
+
+    @property
+    def aligns(self) -> bool:
+        """Whether the server ever distils the emulator (and so uses the align settings)."""
+        return self.pre_align or self.realign != "never"
 
     def realign_every(self, configured: int) -> int:
         """The realignment period this method runs with (0: never)."""

@@ -83,7 +83,7 @@ def prepare(recipe: Recipe, model_spec: str, prune_settings: PruneSettings,
     teacher = plug_adapter(copy.deepcopy(full), sub.adapter_lora(), sub.plan)
     del full
     public = heldout = None
-    if recipe.pre_align or recipe.realign != "never":
+    if recipe.aligns:
         public, heldout = public_caches(teacher, sub.plan, tokenizer, settings, data_dir)
     models = ServerModels(recipe=recipe, teacher=teacher, sub=sub, tokenizer=tokenizer,
                           folder=folder, public=public, heldout=heldout, sizes={},
