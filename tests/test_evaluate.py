@@ -76,3 +76,31 @@ def test_single_token_options_use_the_prompt_forward_only(tmp_path):
             ids = prompt + tokenizer(option, add_special_tokens=False)["input_ids"]
             reference = sequence_logprobs(model, [ids], [len(prompt)], pad_id=1)[0]
             assert abs(score - reference) < 1e-5
+
+
+def test_evaluate_reports_how_often_each_option_wins(tmp_path):
+    from fedsoda.data.task import Task
+    from fedsoda.evaluate.tasks import evaluate
+
+    folder = save_tiny_model_dir(tmp_path / "tiny")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = tiny_model()
+    texts = ["the of and", "was is for", "in to a", "he as on", "at by with", "and the was"]
+    rows = [{"text": text, "label": k % 2} for k, text in enumerate(texts)]
+    task = Task(name="toy", train_split="train", eval_split="validation", fields={},
+                to_example=lambda row: Example("", row["text"], " :", "", row["label"]),
+                partition_key=lambda row: row["label"], options=(" he", " at"))
+    result = evaluate(model, tokenizer, task, rows, batch_size=4)
+    # Reference: the option's log-likelihood from one plain forward each, argmax by hand.
+    winners = []
+    for row in rows:
+        prompt = tokenizer(row["text"] + " :", add_special_tokens=False)["input_ids"]
+        option_logp = []
+        for option in task.options:
+            ids = prompt + tokenizer(option, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+            option_logp.append(sum(logp[j - 1, ids[j]].item() for j in range(len(prompt), len(ids))))
+        winners.append(max(range(2), key=option_logp.__getitem__))
+    assert result["option_shares"] == {"he": winners.count(0) / 6, "at": winners.count(1) / 6}
+    assert result["accuracy"] == sum(w == row["label"] for w, row in zip(winners, rows, strict=True)) / 6

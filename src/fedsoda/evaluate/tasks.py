@@ -21,7 +21,11 @@ def evaluation_rows(task: Task, data_dir: str | None, limit: int | None) -> list
 def evaluate(model: nn.Module, tokenizer, task: Task, rows: list[dict], batch_size: int = 16,
              max_tokens: int = 512, max_new_tokens: int = 256, data_dir: str | None = None,
              on_batch: Callable[[int, int], None] | None = None) -> dict:
-    """``{"task", "accuracy", "n", "seconds"}`` on ``rows`` (deterministic, batched)."""
+    """``{"task", "accuracy", "n", "seconds"}`` on ``rows`` (deterministic, batched).
+
+    A classification task also reports ``option_shares``: how often each option won. A plugged
+    adapter that only moves the decision threshold shows there before anywhere else.
+    """
     if not rows:
         raise ValueError(f"no {task.name} rows to evaluate")
     began = time.perf_counter()
@@ -31,6 +35,7 @@ def evaluate(model: nn.Module, tokenizer, task: Task, rows: list[dict], batch_si
     # change any score.
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt))
     correct = [False] * len(examples)
+    chosen = [0] * len(examples)  # winning option per example (classification)
     shots = ""
     if not task.is_classification:
         shots = few_shot_prefix(load_rows(task, task.train_split, data_dir)[:SHOTS])
@@ -39,8 +44,10 @@ def evaluate(model: nn.Module, tokenizer, task: Task, rows: list[dict], batch_si
         batch = [examples[i] for i in chunk]
         if task.is_classification:
             scores = option_scores(model, tokenizer, batch, task.options, max_tokens)
-            hits = [max(range(len(s)), key=s.__getitem__) == e.label
-                    for s, e in zip(scores, batch, strict=True)]
+            winners = [max(range(len(s)), key=s.__getitem__) for s in scores]
+            for index, winner in zip(chunk, winners, strict=True):
+                chosen[index] = winner
+            hits = [winner == e.label for winner, e in zip(winners, batch, strict=True)]
         else:
             texts = greedy_answers(model, tokenizer, batch, shots, max_tokens * 4, max_new_tokens)
             hits = exact_match(texts, [e.label for e in batch])
@@ -48,5 +55,9 @@ def evaluate(model: nn.Module, tokenizer, task: Task, rows: list[dict], batch_si
             correct[index] = hit
         if on_batch is not None:
             on_batch(min(start + batch_size, len(order)), len(order))
-    return {"task": task.name, "accuracy": sum(correct) / len(correct), "n": len(correct),
-            "seconds": time.perf_counter() - began, "prompt": task.prompt_note}
+    result = {"task": task.name, "accuracy": sum(correct) / len(correct), "n": len(correct),
+              "seconds": time.perf_counter() - began, "prompt": task.prompt_note}
+    if task.is_classification:
+        result["option_shares"] = {option.strip(): chosen.count(k) / len(chosen)
+                                   for k, option in enumerate(task.options)}
+    return result

@@ -41,7 +41,7 @@ class RoundLog:
         self.rejected.append({"client": partition, "reason": reason})
 
     def finish(self, accuracy: float | None, realigned: bool, seconds: float,
-               submodel_bytes_total: int) -> dict:
+               submodel_bytes_total: int, option_shares: dict | None = None) -> dict:
         entry = {"round": self.round,
                  "train_loss": self.loss_sum / self.weight_sum if self.weight_sum else None,
                  "bytes_down": self.bytes_down, "bytes_up": self.bytes_up,
@@ -50,6 +50,8 @@ class RoundLog:
                  "submodel_bytes_total": submodel_bytes_total, "rejected": self.rejected}
         if accuracy is not None:
             entry["accuracy"] = accuracy
+        if option_shares is not None:
+            entry["option_shares"] = option_shares
         return entry
 
     def line(self, entry: dict) -> str:

@@ -191,12 +191,11 @@ def play_round(session: Session, state: ServerState) -> tuple[RoundLog, dict]:
     if realigned:
         state.emulator = server_models.realign(models, cfg.align, state.round)["emulator"]
         state.emulator_version += 1
-    accuracy = None
+    scored = {}
     if state.round == cfg.rounds or (cfg.eval_every and state.round % cfg.eval_every == 0):
-        accuracy = server_models.evaluate_full(models, session.task, session.rows,
-                                               cfg.data_folder)["accuracy"]
-    entry = round_log.finish(accuracy, realigned, time.perf_counter() - began,
-                             session.submodel_bytes)
+        scored = server_models.evaluate_full(models, session.task, session.rows, cfg.data_folder)
+    entry = round_log.finish(scored.get("accuracy"), realigned, time.perf_counter() - began,
+                             session.submodel_bytes, scored.get("option_shares"))
     return round_log, entry
 
 
