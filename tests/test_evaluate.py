@@ -26,6 +26,15 @@ class Bigram(nn.Module):
         return type("Out", (), {"last_hidden_state": one_hot})()
 
 
+def plain_option_logprob(model, tokenizer, prompt_text: str, option: str) -> float:
+    """Reference: log p(option | prompt) from one plain forward over prompt + option."""
+    prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    ids = prompt + tokenizer(option, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+    return sum(logp[j - 1, ids[j]].item() for j in range(len(prompt), len(ids)))
+
+
 def test_sequence_logprobs_by_hand():
     # 3 tokens; after token 0 the logits are (0, ln 3, 0) -> p = (1/5, 3/5, 1/5);
     # after token 1 they are (ln 2, 0, ln 2) -> p = (2/5, 1/5, 2/5).
@@ -44,13 +53,8 @@ def test_option_scores_match_plain_forward(tmp_path):
     options = (" with by", " he")
     scores = option_scores(model, tokenizer, examples, options, max_tokens=32)
     for example, row in zip(examples, scores, strict=True):
-        prompt = tokenizer(example.prompt, add_special_tokens=False)["input_ids"]
         for option, score in zip(options, row, strict=True):
-            ids = prompt + tokenizer(option, add_special_tokens=False)["input_ids"]
-            with torch.no_grad():
-                logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
-            expected = sum(logp[j - 1, ids[j]].item() for j in range(len(prompt), len(ids)))
-            assert abs(score - expected) < 1e-4
+            assert abs(score - plain_option_logprob(model, tokenizer, example.prompt, option)) < 1e-4
 
 
 def test_perplexity_of_uniform_model_is_vocab_size():
@@ -94,13 +98,8 @@ def test_evaluate_reports_how_often_each_option_wins(tmp_path):
     # Reference: the option's log-likelihood from one plain forward each, argmax by hand.
     winners = []
     for row in rows:
-        prompt = tokenizer(row["text"] + " :", add_special_tokens=False)["input_ids"]
-        option_logp = []
-        for option in task.options:
-            ids = prompt + tokenizer(option, add_special_tokens=False)["input_ids"]
-            with torch.no_grad():
-                logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
-            option_logp.append(sum(logp[j - 1, ids[j]].item() for j in range(len(prompt), len(ids))))
+        option_logp = [plain_option_logprob(model, tokenizer, row["text"] + " :", option)
+                       for option in task.options]
         winners.append(max(range(2), key=option_logp.__getitem__))
     assert result["option_shares"] == {"he": winners.count(0) / 6, "at": winners.count(1) / 6}
     assert result["accuracy"] == sum(w == row["label"] for w, row in zip(winners, rows, strict=True)) / 6
