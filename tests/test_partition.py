@@ -6,7 +6,7 @@ import random
 import pytest
 
 from fedsoda import cli
-from fedsoda.data.partition import PartitionScheme, label_counts, partition
+from fedsoda.data.partition import PartitionScheme, label_counts, partition, round_label_shares, sample_round
 
 _RNG = random.Random(7)
 KEYS = [_RNG.choice([0, 0, 1]) for _ in range(2000)]
@@ -50,3 +50,48 @@ def test_partition_command_writes_counts_and_plot(shared_data, tmp_path):
     assert sum(c["count"] for c in data["clients"]) == 7473
     assert set(data["clients"][0]["labels"]) == {"0", "1", "2", "3"}
     assert plot.stat().st_size > 1000
+
+
+def test_round_label_shares_weight_labels_by_the_sampled_clients_examples():
+    counts = [{"id": 0, "count": 10, "labels": {"0": 10, "1": 0}},
+              {"id": 1, "count": 30, "labels": {"0": 6, "1": 24}},
+              {"id": 2, "count": 20, "labels": {"0": 5, "1": 15}}]
+    # clients 1 and 2 hold 50 examples: 11 of label 0, 39 of label 1
+    assert round_label_shares(counts, [1, 2]) == pytest.approx({"0": 0.22, "1": 0.78})
+    assert round_label_shares(counts, [0]) == {"0": 1.0, "1": 0.0}
+
+
+def test_sample_round_is_seeded_per_round_and_matches_the_server():
+    from fedsoda.federated.config import RunConfig
+    from fedsoda.federated.server_app import sample_clients
+
+    cfg = RunConfig(clients=10, clients_per_round=5, seed=3)
+    draws = [sample_round(3, 10, 5, t) for t in range(1, 21)]
+    assert all(len(set(d)) == 5 and d == sorted(d) and set(d) <= set(range(10)) for d in draws)
+    assert len({tuple(d) for d in draws}) > 1
+    assert draws == [sample_clients(cfg, t) for t in range(1, 21)]
+    assert draws != [sample_round(4, 10, 5, t) for t in range(1, 21)]
+    assert sample_round(0, 4, 4, 7) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="clients per round"):
+        sample_round(0, 4, 5, 1)
+
+
+def test_partition_command_lists_each_rounds_label_mix(shared_data, tmp_path):
+    out = tmp_path / "parts.json"
+    assert cli.main(["data", "partition", "--task", "sst2", "--clients", "10", "--dirichlet",
+                     "0.5", "--rounds", "3", "--clients-per-round", "4", "--data-dir",
+                     str(shared_data), "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [r["round"] for r in data["rounds"]] == [1, 2, 3]
+    for entry in data["rounds"]:
+        assert entry["clients"] == sample_round(0, 10, 4, entry["round"])
+        held = [data["clients"][c] for c in entry["clients"]]
+        positive = sum(c["labels"]["1"] for c in held) / sum(c["count"] for c in held)
+        assert entry["label_shares"]["1"] == pytest.approx(positive)
+        assert entry["label_shares"]["0"] == pytest.approx(1 - positive)
+
+
+def test_partition_command_refuses_more_clients_per_round_than_clients(shared_data, capsys):
+    assert cli.main(["data", "partition", "--task", "sst2", "--clients", "4", "--rounds", "2",
+                     "--clients-per-round", "5", "--data-dir", str(shared_data)]) != 0
+    assert "clients per round must be in 1..4, got 5" in capsys.readouterr().err

@@ -52,6 +52,10 @@ def _add_data(commands) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--plot", default=None, help="PNG of per-client label counts")
+    parser.add_argument("--rounds", type=int, default=0,
+                        help="also list each round's sampled clients and their label mix")
+    parser.add_argument("--clients-per-round", type=int, default=None,
+                        help="clients sampled a round, as in `fedsoda run` (default: all)")
     parser.add_argument("--out", default=None)
 
 
@@ -166,7 +170,7 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "data":
         scheme = f"dirichlet:{args.dirichlet}" if args.dirichlet is not None else "iid"
         data_eval.partition_command(args.task, args.clients, scheme, args.seed, args.data_dir,
-                                    args.plot, args.out)
+                                    args.plot, args.out, args.rounds, args.clients_per_round)
     elif args.command == "run":
         from fedsoda.commands.run import run_command
 

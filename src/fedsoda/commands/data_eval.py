@@ -7,7 +7,14 @@ from pathlib import Path
 
 import torch
 
-from fedsoda.data.partition import PartitionScheme, label_counts, partition, plot_partition
+from fedsoda.data.partition import (
+    PartitionScheme,
+    label_counts,
+    partition,
+    plot_partition,
+    round_label_shares,
+    sample_round,
+)
 from fedsoda.data.public import wikitext_paragraphs
 from fedsoda.data.task import load_rows
 from fedsoda.data.tasks import get_task
@@ -24,14 +31,27 @@ def _write_json(data: dict, out: str | None) -> None:
 
 
 def partition_command(task_name: str, clients: int, scheme: str, seed: int,
-                      data_dir: str | None, plot: str | None, out: str | None) -> dict:
+                      data_dir: str | None, plot: str | None, out: str | None,
+                      rounds: int = 0, clients_per_round: int | None = None) -> dict:
+    """Per-client label counts; with ``rounds``, also the label mix each round trains on."""
     task = get_task(task_name)
     parsed = PartitionScheme.parse(scheme)
+    per_round = clients if clients_per_round is None else clients_per_round
+    if rounds:
+        sample_round(seed, clients, per_round, 1)  # a bad clients-per-round fails before loading
     rows = load_rows(task, task.train_split, data_dir)
     keys = [task.partition_key(row) for row in rows]
     parts = partition(keys, clients, parsed, seed)
     result = {"task": task.name, "split": task.train_split, "scheme": str(parsed), "seed": seed,
               "clients": label_counts(keys, parts)}
+    if rounds:
+        # The same draw as `fedsoda run --seed` makes, so a run's round-by-round accuracy can be
+        # read against the labels its sampled clients held (under label skew the global
+        # adapter's decision threshold follows them).
+        result["rounds"] = [{"round": t, "clients": sampled,
+                             "label_shares": round_label_shares(result["clients"], sampled)}
+                            for t in range(1, rounds + 1)
+                            for sampled in [sample_round(seed, clients, per_round, t)]]
     if plot:
         plot_partition(result["clients"], f"{task.name}, {clients} clients, {parsed}", plot)
     _write_json(result, out)

@@ -5,6 +5,7 @@ Only ``flwr_datasets`` (a data library) is used here, not the ``flwr`` runtime.
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +84,27 @@ def label_counts(keys: list[int], parts: list[list[int]]) -> list[dict]:
         result.append({"id": client, "count": len(rows),
                        "labels": {str(label): counts.get(label, 0) for label in labels}})
     return result
+
+
+def sample_round(seed: int, clients: int, per_round: int, round_number: int) -> list[int]:
+    """The clients a run with ``seed`` trains in round ``round_number`` (1-based), sorted.
+
+    Seeded per round, so a resumed run samples what an uninterrupted one would.
+    """
+    if not 1 <= per_round <= clients:
+        raise ValueError(f"clients per round must be in 1..{clients}, got {per_round}")
+    return sorted(random.Random(seed * 1_000_003 + round_number).sample(range(clients),
+                                                                       per_round))
+
+
+def round_label_shares(counts: list[dict], sampled: list[int]) -> dict[str, float]:
+    """Each label's share of the examples held by the ``sampled`` clients (``label_counts`` rows).
+
+    This is the label mix a round's FedAvg sees: replies are weighted by example count.
+    """
+    held = sum(counts[c]["count"] for c in sampled)
+    return {label: sum(counts[c]["labels"][label] for c in sampled) / held if held else 0.0
+            for label in counts[0]["labels"]}
 
 
 def plot_partition(clients: list[dict], title: str, path: Path | str) -> Path:

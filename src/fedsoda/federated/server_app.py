@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedsoda.data.partition import task_partitions
+from fedsoda.data.partition import sample_round, task_partitions
 from fedsoda.data.tasks import get_task
 from fedsoda.evaluate.tasks import evaluation_rows
 from fedsoda.federated.checkpoint import ServerState, load_checkpoint, save_checkpoint
@@ -147,8 +146,7 @@ def train_round(grid: Grid, cfg: RunConfig, state: ServerState, sampled: list[in
 
 
 def sample_clients(cfg: RunConfig, round_number: int) -> list[int]:
-    return sorted(random.Random(cfg.seed * 1_000_003 + round_number).sample(
-        range(cfg.clients), cfg.clients_per_round))
+    return sample_round(cfg.seed, cfg.clients, cfg.clients_per_round, round_number)
 
 
 @dataclass
