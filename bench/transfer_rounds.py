@@ -31,7 +31,7 @@ from fedsoda.align.oda import AlignSettings, align, pre_align, public_caches, re
 from fedsoda.commands.model_prep import prune
 from fedsoda.data.task import EncodedExamples, load_rows, pad_id
 from fedsoda.data.tasks import get_task
-from fedsoda.evaluate.options import option_scores
+from fedsoda.evaluate.options import margin_report, option_scores
 from fedsoda.evaluate.tasks import evaluation_rows
 from fedsoda.models import load
 from fedsoda.surgery.build import make_sub_llm
@@ -54,11 +54,10 @@ def margins(model, tokenizer, task, examples) -> torch.Tensor:
 
 def decision_report(margin: torch.Tensor, labels: torch.Tensor) -> dict:
     predicted = (margin > 0).long()
-    cuts = torch.cat([margin.sort().values, margin.max().reshape(1) + 1])
-    best = max(((margin >= cut).long() == labels).float().mean().item() for cut in cuts)
     return {"accuracy": (predicted == labels).float().mean().item(),
             "positive_share": predicted.float().mean().item(),
-            "best_threshold_accuracy": best}
+            "best_threshold_accuracy": margin_report(margin.tolist(), labels.tolist())[
+                "best_threshold_accuracy"]}
 
 
 def main() -> None:

@@ -2,13 +2,14 @@
 
 import math
 
+import pytest
 import torch
 from torch import nn
 from transformers import AutoTokenizer
 
 from conftest import save_tiny_model_dir, tiny_model
 from fedsoda.data.task import Example
-from fedsoda.evaluate.options import option_scores, sequence_logprobs
+from fedsoda.evaluate.options import margin_report, option_scores, sequence_logprobs
 from fedsoda.evaluate.perplexity import perplexity
 
 
@@ -96,10 +97,38 @@ def test_evaluate_reports_how_often_each_option_wins(tmp_path):
                 partition_key=lambda row: row["label"], options=(" he", " at"))
     result = evaluate(model, tokenizer, task, rows, batch_size=4)
     # Reference: the option's log-likelihood from one plain forward each, argmax by hand.
-    winners = []
+    winners, margins = [], []
     for row in rows:
         option_logp = [plain_option_logprob(model, tokenizer, row["text"] + " :", option)
                        for option in task.options]
         winners.append(max(range(2), key=option_logp.__getitem__))
+        margins.append(option_logp[1] - option_logp[0])
     assert result["option_shares"] == {"he": winners.count(0) / 6, "at": winners.count(1) / 6}
+    # Threshold-free figures by brute force: every (label 1, label 0) pair, every cut.
+    ones = [m for m, row in zip(margins, rows, strict=True) if row["label"] == 1]
+    zeros = [m for m, row in zip(margins, rows, strict=True) if row["label"] == 0]
+    pairs = [(a > b) + 0.5 * (a == b) for a in ones for b in zeros]
+    assert result["auc"] == pytest.approx(sum(pairs) / len(pairs), abs=1e-6)
+    best = max(sum((m >= cut) == row["label"] for m, row in zip(margins, rows, strict=True)) / 6
+               for cut in margins + [max(margins) + 1])
+    assert result["best_threshold_accuracy"] == best
     assert result["accuracy"] == sum(w == row["label"] for w, row in zip(winners, rows, strict=True)) / 6
+
+
+@pytest.mark.parametrize(("margins", "labels", "auc", "best"), [
+    ([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1], 0.75, 0.75),  # the textbook ROC example
+    ([1.0, 1.0, 2.0], [0, 1, 1], 0.75, 2 / 3),  # a tie counts half; tied examples cut together
+    ([-1.0, 2.0], [0, 1], 1.0, 1.0),
+    ([2.0, -1.0], [0, 1], 0.0, 0.5),  # reversed ranking: the best cut calls everything one label
+])
+def test_margin_report_hand_computed(margins, labels, auc, best):
+    assert margin_report(margins, labels) == {"auc": pytest.approx(auc),
+                                              "best_threshold_accuracy": pytest.approx(best)}
+
+
+def test_margin_report_is_unchanged_by_a_shifted_threshold_and_refuses_bad_input():
+    margins, labels = [0.3, -1.2, 0.8, 0.1, -0.4, 2.0], [1, 0, 1, 0, 0, 1]
+    assert margin_report([m + 5.0 for m in margins], labels) == margin_report(margins, labels)
+    assert math.isnan(margin_report([0.1, 0.2], [1, 1])["auc"])
+    with pytest.raises(ValueError, match="one label per margin"):
+        margin_report([0.1], [0, 1])

@@ -69,3 +69,34 @@ def option_scores(model: nn.Module, tokenizer, examples: list[Example], options:
             starts.append(len(prompt))
     flat = sequence_logprobs(model, sequences, starts, pad)
     return [flat[i: i + len(options)] for i in range(0, len(flat), len(options))]
+
+
+def margin_report(margins: list[float], labels: list[int]) -> dict[str, float]:
+    """How well ``margin = score(option 1) - score(option 0)`` separates the labels, at any
+    threshold: ``auc`` (the chance a random label-1 example out-scores a random label-0 one,
+    ties half) and ``best_threshold_accuracy`` (accuracy had the margin been cut at its best
+    threshold instead of 0).
+
+    Accuracy cuts at 0. A plugged adapter that only recalibrates the model moves that accuracy
+    and neither of these; one that makes the model rank examples better raises them.
+    """
+    if len(margins) != len(labels) or not margins:
+        raise ValueError("need one label per margin, and at least one")
+    order = sorted(range(len(margins)), key=margins.__getitem__)
+    positives = sum(labels)
+    negatives = len(labels) - positives
+    # Sweep the cut up through the sorted margins: an example is called 1 iff margin >= cut.
+    correct = best = positives  # cut below every margin: everything is called 1
+    rank_sum, start = 0.0, 0
+    while start < len(order):
+        end = start
+        while end < len(order) and margins[order[end]] == margins[order[start]]:
+            end += 1
+        tied = [labels[i] for i in order[start:end]]
+        rank_sum += sum(tied) * (start + end + 1) / 2  # mean 1-based rank of the tie group
+        correct += (len(tied) - sum(tied)) - sum(tied)  # the group now falls below the cut
+        best = max(best, correct)
+        start = end
+    auc = ((rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
+           if positives and negatives else float("nan"))
+    return {"auc": auc, "best_threshold_accuracy": best / len(labels)}

@@ -10,7 +10,7 @@ from torch import nn
 from fedsoda.data.gsm8k import SHOTS, few_shot_prefix
 from fedsoda.data.task import Task, load_rows
 from fedsoda.evaluate.generation import exact_match, greedy_answers
-from fedsoda.evaluate.options import option_scores
+from fedsoda.evaluate.options import margin_report, option_scores
 
 
 def evaluation_rows(task: Task, data_dir: str | None, limit: int | None) -> list[dict]:
@@ -24,7 +24,9 @@ def evaluate(model: nn.Module, tokenizer, task: Task, rows: list[dict], batch_si
     """``{"task", "accuracy", "n", "seconds"}`` on ``rows`` (deterministic, batched).
 
     A classification task also reports ``option_shares``: how often each option won. A plugged
-    adapter that only moves the decision threshold shows there before anywhere else.
+    adapter that only moves the decision threshold shows there before anywhere else. A
+    two-option task adds ``auc`` and ``best_threshold_accuracy`` of the option margin, which
+    such an adapter does not move (``margin_report``).
     """
     if not rows:
         raise ValueError(f"no {task.name} rows to evaluate")
@@ -36,6 +38,7 @@ def evaluate(model: nn.Module, tokenizer, task: Task, rows: list[dict], batch_si
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt))
     correct = [False] * len(examples)
     chosen = [0] * len(examples)  # winning option per example (classification)
+    margins = [0.0] * len(examples)  # score(option 1) - score(option 0), two-option tasks
     shots = ""
     if not task.is_classification:
         shots = few_shot_prefix(load_rows(task, task.train_split, data_dir)[:SHOTS])
@@ -45,8 +48,9 @@ def evaluate(model: nn.Module, tokenizer, task: Task, rows: list[dict], batch_si
         if task.is_classification:
             scores = option_scores(model, tokenizer, batch, task.options, max_tokens)
             winners = [max(range(len(s)), key=s.__getitem__) for s in scores]
-            for index, winner in zip(chunk, winners, strict=True):
+            for index, winner, score in zip(chunk, winners, scores, strict=True):
                 chosen[index] = winner
+                margins[index] = score[-1] - score[0]
             hits = [winner == e.label for winner, e in zip(winners, batch, strict=True)]
         else:
             texts = greedy_answers(model, tokenizer, batch, shots, max_tokens * 4, max_new_tokens)
@@ -60,4 +64,6 @@ def evaluate(model: nn.Module, tokenizer, task: Task, rows: list[dict], batch_si
     if task.is_classification:
         result["option_shares"] = {option.strip(): chosen.count(k) / len(chosen)
                                    for k, option in enumerate(task.options)}
+        if len(task.options) == 2:
+            result |= margin_report(margins, [example.label for example in examples])
     return result

@@ -41,7 +41,8 @@ class RoundLog:
         self.rejected.append({"client": partition, "reason": reason})
 
     def finish(self, accuracy: float | None, realigned: bool, seconds: float,
-               submodel_bytes_total: int, option_shares: dict | None = None) -> dict:
+               submodel_bytes_total: int, scored: dict | None = None) -> dict:
+        """The round's metrics.jsonl entry; ``scored`` is the evaluation, on evaluation rounds."""
         entry = {"round": self.round,
                  "train_loss": self.loss_sum / self.weight_sum if self.weight_sum else None,
                  "bytes_down": self.bytes_down, "bytes_up": self.bytes_up,
@@ -50,8 +51,9 @@ class RoundLog:
                  "submodel_bytes_total": submodel_bytes_total, "rejected": self.rejected}
         if accuracy is not None:
             entry["accuracy"] = accuracy
-        if option_shares is not None:
-            entry["option_shares"] = option_shares
+        for key in ("option_shares", "auc", "best_threshold_accuracy"):
+            if scored and key in scored:
+                entry[key] = scored[key]
         return entry
 
     def line(self, entry: dict) -> str:

@@ -193,7 +193,7 @@ def play_round(session: Session, state: ServerState) -> tuple[RoundLog, dict]:
     if state.round == cfg.rounds or (cfg.eval_every and state.round % cfg.eval_every == 0):
         scored = server_models.evaluate_full(models, session.task, session.rows, cfg.data_folder)
     entry = round_log.finish(scored.get("accuracy"), realigned, time.perf_counter() - began,
-                             session.submodel_bytes, scored.get("option_shares"))
+                             session.submodel_bytes, scored)
     return round_log, entry
 
 
