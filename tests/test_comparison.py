@@ -5,7 +5,7 @@ import json
 import pytest
 
 from fedsoda.cli import main
-from fedsoda.comparison import read_run, table_rows
+from fedsoda.comparison import read_run, rounds_table, table_rows
 
 
 def fake_run(folder, method, seed, accuracy, comm_per_round=2_000_000.0, **changes):
@@ -44,12 +44,45 @@ def test_report_writes_table_and_plot_and_refuses_mixed_settings(tmp_path, capsy
     assert main(["report", str(a), str(b), "--out", str(tmp_path / "report")]) == 0
     table = (tmp_path / "report" / "table.md").read_text()
     assert "| FedBiOT | ✓ | ✓ | ✓ | 83.0 ± 0.0 | 73.0 ± 0.0 | 244.2K | 1.00M | 87.8 MiB |" in table
+    assert "| FedBiOT | 83.0 | – | – | – |" in table  # the by-round table: its round 2
     assert (tmp_path / "report" / "compare.png").stat().st_size > 0
     c = fake_run(tmp_path / "c", "fedot", 0, 0.7, task="boolq")
     assert main(["report", str(a), str(c)]) == 2
     assert "differ in task" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert "no summary.json" in capsys.readouterr().err
+
+
+def with_rounds(folder, evaluations):
+    """Replace a fake run's metrics: ``{round: extra metrics}`` for its evaluation rounds."""
+    metrics = [{"round": r, "bytes_down": 10, "bytes_up": 10, **extra}
+               for r, extra in sorted(evaluations.items())]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    return read_run(folder)
+
+
+def test_rounds_table_averages_seeds_per_round_and_reports_the_last_decision(tmp_path):
+    shares = {"negative": 0.25, "positive": 0.75}
+    runs = [
+        with_rounds(fake_run(tmp_path / "s0", "fedsoda", 0, 0.8), {
+            5: {"accuracy": 0.70}, 10: {"accuracy": 0.80, "auc": 0.90,
+                                        "best_threshold_accuracy": 0.82, "option_shares": shares}}),
+        with_rounds(fake_run(tmp_path / "s1", "fedsoda", 1, 0.8), {
+            5: {"accuracy": 0.74}, 10: {"accuracy": 0.86, "auc": 0.80, "best_threshold_accuracy": 0.86,
+                                        "option_shares": {"negative": 0.45, "positive": 0.55}}}),
+        # FedOT was also evaluated at round 7 (not shared by all runs) and recorded no margin.
+        with_rounds(fake_run(tmp_path / "o0", "fedot", 0, 0.7), {
+            5: {"accuracy": 0.6}, 7: {"accuracy": 0.65}, 10: {"accuracy": 0.7}}),
+    ]
+    lines = rounds_table(runs).splitlines()
+    assert lines[0] == ("| Method | round 5 | round 10 | best-threshold acc. | AUC "
+                        "| option shares (last round) |")
+    assert lines[2] == "| FedOT | 60.0 | 70.0 | – | – | – |"
+    # FedSODA: (70 + 74) / 2, (80 + 86) / 2, (82 + 86) / 2, (0.9 + 0.8) / 2, (25 + 45) / 2 %.
+    assert lines[3] == "| FedSODA | 72.0 | 83.0 | 84.0 | 0.850 | negative 35%, positive 65% |"
+    with pytest.raises(ValueError, match="no evaluation round"):
+        rounds_table([with_rounds(fake_run(tmp_path / "x", "fedot", 0, 0.7), {3: {"accuracy": 0.7}}),
+                      runs[0]])
 
 
 def test_compare_refuses_a_folder_run_with_other_settings(tmp_path, capsys):

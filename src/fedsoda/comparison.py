@@ -102,6 +102,47 @@ def markdown_table(rows: list[dict], runs: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Threshold-free figures of the last evaluation, where the runs recorded them: the cell's
+# header and how a mean of the values is printed.
+FINAL_FIGURES = {"best_threshold_accuracy": ("best-threshold acc.", lambda v: f"{100 * v:.1f}"),
+                 "auc": ("AUC", lambda v: f"{v:.3f}")}
+
+
+def rounds_table(runs: list[dict]) -> str:
+    """Accuracy by evaluation round, and how the final adapter decides, one line per method.
+
+    Accuracy cuts the option margin at 0. The best-threshold accuracy and the AUC of that
+    margin (``evaluate.options.margin_report``) tell a better ranking from a moved threshold;
+    the option shares say where the threshold went. Each cell is a mean over the method's seeds.
+    """
+    by_method: dict[str, list[dict]] = defaultdict(list)
+    for run in runs:
+        by_method[run["summary"]["method"]].append(
+            {m["round"]: m for m in run["metrics"] if "accuracy" in m})
+    rounds = sorted(set.intersection(*(set(e) for group in by_method.values() for e in group)))
+    if not rounds:
+        raise ValueError("the runs share no evaluation round")
+    header = [f"round {r}" for r in rounds] + [name for name, _ in FINAL_FIGURES.values()]
+    lines = ["| Method | " + " | ".join(header) + " | option shares (last round) |",
+             "|---|" + "---|" * (len(header) + 1)]
+    for method in sorted(by_method, key=lambda m: ORDER.index(m) if m in ORDER else len(ORDER)):
+        group = by_method[method]
+        cells = [f"{100 * statistics.fmean(e[r]['accuracy'] for e in group):.1f}" for r in rounds]
+        last = [e[rounds[-1]] for e in group]
+        for key, (_, show) in FINAL_FIGURES.items():
+            recorded = all(key in entry for entry in last)
+            cells.append(show(statistics.fmean(entry[key] for entry in last)) if recorded else "–")
+        if all("option_shares" in entry for entry in last):
+            options = last[0]["option_shares"]
+            cells.append(", ".join(
+                f"{option} {100 * statistics.fmean(e['option_shares'][option] for e in last):.0f}%"
+                for option in options))
+        else:
+            cells.append("–")
+        lines.append(f"| {NAMES.get(method, method)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_comparison(runs: list[dict], path: Path) -> None:
     """Accuracy against rounds and against cumulative bytes (down + up), one line per run."""
     import matplotlib
@@ -146,7 +187,8 @@ def write_report(run_folders: list[Path | str], out: Path | str) -> list[dict]:
     rows = table_rows(runs)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "table.md").write_text(markdown_table(rows, runs))
+    (out / "table.md").write_text(markdown_table(rows, runs) + "\nAccuracy (%) of the full LLM + "
+                                  "adapter by round, mean over seeds:\n\n" + rounds_table(runs))
     (out / "table.json").write_text(json.dumps({"rows": rows, "runs": [r["folder"] for r in runs]},
                                                indent=2) + "\n")
     plot_comparison(runs, out / "compare.png")

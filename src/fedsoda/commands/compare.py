@@ -11,7 +11,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from fedsoda.comparison import markdown_table, read_run, write_report
+from fedsoda.comparison import write_report
 
 
 def _split(text: str, kind=str) -> list:
@@ -79,13 +79,13 @@ def compare_command(args: argparse.Namespace) -> list[dict]:
               f"-> {folder}", flush=True)
         simulate(load_config(folder / "config.toml") if resume else cfg, resume=resume)
     rows = write_report([folder for folder, _ in plans], out)
-    print(markdown_table(rows, [read_run(folder) for folder, _ in plans]))
+    print((out / "table.md").read_text())
     return rows
 
 
 def report_command(args: argparse.Namespace) -> list[dict]:
     out = Path(args.out) if args.out else Path(args.runs[0]).parent
     rows = write_report(args.runs, out)
-    print(markdown_table(rows, [read_run(folder) for folder in args.runs]))
+    print((out / "table.md").read_text())
     print(f"[fedsoda] wrote {out / 'table.md'}, {out / 'table.json'} and {out / 'compare.png'}")
     return rows
