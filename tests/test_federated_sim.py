@@ -76,12 +76,32 @@ def test_two_rounds_write_a_complete_run_folder(tiny_model_dir, shared_data, tmp
     emulator_0 = load_file(str(out / "subllm" / "emulator_lora.safetensors"))
     one_client = sum(len(np_save(np.frombuffer(p.read_bytes(), np.uint8))) for p in files)
     assert summary["submodel_download_bytes"] == 2 * (one_client + npy_bytes(emulator_0.values()))
+    assert summary["client_download_bytes"] == one_client + npy_bytes(emulator_0.values())
     # The NF4 sub-LLM weights alone are about model.safetensors in size once loaded.
     weights = (out / "subllm" / "model" / "model.safetensors").stat().st_size
     assert summary["client_peak_memory_bytes"] > weights
     full = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     loaded = PeftModel.from_pretrained(full, out / "adapter")
     assert loaded is not None
+
+
+def test_clients_that_kept_the_sub_llm_cost_the_same_per_round(tiny_model_dir, shared_data,
+                                                                tmp_path, monkeypatch):
+    # Two runs in one client storage: the second run's clients already hold the sub-LLM.
+    # They still need its emulator LoRA; that counts as joining, not as round-1 traffic.
+    monkeypatch.setenv("FEDSODA_CACHE", str(tmp_path / "cache"))
+    first = simulate(tiny_config(tiny_model_dir, shared_data, tmp_path / "a", rounds=1))
+    second = simulate(tiny_config(tiny_model_dir, shared_data, tmp_path / "b", rounds=1, seed=1))
+    files = sorted(p for p in (tmp_path / "a" / "subllm" / "model").iterdir() if p.is_file())
+    one_client = sum(len(np_save(np.frombuffer(p.read_bytes(), np.uint8))) for p in files)
+    emulator = npy_bytes(load_file(str(tmp_path / "b" / "subllm" / "emulator_lora.safetensors")).values())
+    adapter = npy_bytes(load_file(str(tmp_path / "b" / "checkpoint" / "adapter.safetensors")).values())
+    assert first["submodel_download_bytes"] == 2 * (one_client + emulator)
+    assert second["submodel_download_bytes"] == 2 * emulator  # the weights were not sent again
+    assert first["client_download_bytes"] == second["client_download_bytes"] == one_client + emulator
+    rounds = [json.loads((tmp_path / run / "metrics.jsonl").read_text()) for run in ("a", "b")]
+    assert rounds[0]["bytes_down"] == rounds[1]["bytes_down"] == 2 * adapter
+    assert first["comm_params_per_round"] == second["comm_params_per_round"]
 
 
 class Crash(RuntimeError):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord
 
-from fedsoda.federated.messages import record_bytes, record_params
+from fedsoda.federated.messages import files_record, record_bytes, record_params, to_record
 
 log = logging.getLogger("fedsoda.server")
 
@@ -19,6 +19,7 @@ class RoundLog:
     def __init__(self, round_number: int) -> None:
         self.round = round_number
         self.bytes_down = self.bytes_up = self.params_down = self.params_up = 0
+        self.bytes_join = 0  # one-time: a returning client's first emulator LoRA of this run
         self.loss_sum = self.weight_sum = 0.0
         self.rejected: list[dict] = []
         self.accepted = 0
@@ -26,6 +27,9 @@ class RoundLog:
     def down(self, record: ArrayRecord) -> None:
         self.bytes_down += record_bytes(record)
         self.params_down += record_params(record)
+
+    def join(self, record: ArrayRecord) -> None:
+        self.bytes_join += record_bytes(record)
 
     def up(self, record: ArrayRecord) -> None:
         self.bytes_up += record_bytes(record)
@@ -137,7 +141,11 @@ def write_summary(cfg, out: Path, models, state, task, rows, wall_seconds: float
         "trainable_params": sum(t.numel() for t in state.adapter.values()),
         "comm_params_per_round": sum(m["params_down"] + m["params_up"] for m in metrics) / len(metrics),
         "comm_bytes_total": sum(m["bytes_down"] + m["bytes_up"] for m in metrics),
+        # Sent, all clients: 0 for weights a client kept from an earlier run (content hash).
         "submodel_download_bytes": metrics[-1]["submodel_bytes_total"],
+        # What one client needs to join, cached or not: the model files and the emulator LoRA.
+        "client_download_bytes": record_bytes(files_record(models.folder / "model"))
+        + record_bytes(to_record(state.emulator)),
         "client_model_bytes": models.sizes["client_model_bytes"],
         "client_peak_memory_bytes": client_peak_memory(models.folder, cfg.task, cfg.batch_size,
                                                        cfg.max_tokens, cfg.data_folder),

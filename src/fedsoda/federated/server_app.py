@@ -117,7 +117,12 @@ def train_round(grid: Grid, cfg: RunConfig, state: ServerState, sampled: list[in
         round_log.down(adapter_record)
         if state.holders.get(str(pid), -1) < state.emulator_version:
             content["emulator"] = to_record(state.emulator)
-            round_log.down(content["emulator"])
+            if str(pid) in state.holders:
+                round_log.down(content["emulator"])  # an update after a realignment
+            else:
+                # A client that held the sub-LLM from an earlier run still lacks this run's
+                # emulator LoRA: joining, counted with the one-time download, as for a newcomer.
+                round_log.join(content["emulator"])
             state.holders[str(pid)] = state.emulator_version
         messages.append(Message(content, dst_node_id=node_of[pid], message_type="train"))
     accepted, errors = [], []
@@ -180,12 +185,13 @@ def play_round(session: Session, state: ServerState) -> tuple[RoundLog, dict]:
     round_log = RoundLog(state.round + 1)
     accepted = train_round(session.grid, cfg, state, sampled, session.node_of, session.model_hash,
                            session.sizes, round_log)
+    session.submodel_bytes += round_log.bytes_join
     if accepted:
         state.adapter = fedavg([a[0] for a in accepted], [a[1] for a in accepted])
     server_models.set_global_adapter(models, state.adapter)
     state.round += 1
-    realigned = bool(cfg.realign_every) and state.round % cfg.realign_every == 0 \
-        and state.round < cfg.rounds
+    every = models.recipe.realign_every(cfg.realign_every)  # FedOT never, FedBiOT every round
+    realigned = bool(every) and state.round % every == 0 and state.round < cfg.rounds
     if realigned:
         state.emulator = server_models.realign(models, cfg.align, state.round)["emulator"]
         state.emulator_version += 1
