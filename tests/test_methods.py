@@ -116,6 +116,16 @@ def test_each_method_runs_its_own_realignment_schedule(method, realign_every, ma
     assert RECIPES[method].columns == marks
 
 
+@pytest.mark.parametrize(("method", "comm"), [
+    ("fedsoda", 2 * 100 + 50 / 5),  # emulator LoRA once per 5 rounds
+    ("fedbiot", 2 * 100 + 50),  # every round
+    ("fedot", 2 * 100),  # never after the one-time download
+    ("fedpetuning", 2 * 100),
+])
+def test_steady_state_comm_is_adapter_both_ways_plus_the_emulator_per_period(method, comm):
+    assert RECIPES[method].comm_per_round(adapter=100, emulator=50, realign_every=5) == comm
+
+
 def test_unknown_method_and_too_few_adapter_layers_for_fedot_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="one of fedpetuning, fedot, fedbiot, fedsoda, got 'fedx'"):
         load_config(None, ["method=fedx"])

@@ -81,8 +81,7 @@ def method_figures(recipe: Recipe, config: PretrainedConfig, settings: PruneSett
     model = attach_lora(sub, sorted(set(emulator_layers) | set(plan.sub_adapter_layers)), spec)
     adapter = lora_numel(model, plan.sub_adapter_layers)
     emulator = lora_numel(model, emulator_layers)
-    every = recipe.realign_every(realign_every)
-    comm = 2 * adapter + (emulator // every if every else 0)  # down + up, emulator amortized
+    comm = int(recipe.comm_per_round(adapter, emulator, realign_every))
     lora_bytes = 4 * (adapter + emulator)  # LoRA tensors are held and sent in float32
     # Backward runs from the lowest trainable layer up; below it, no graph is kept.
     graph_layers = plan.sub_num_layers - min(plan.sub_adapter_layers)
@@ -92,7 +91,7 @@ def method_figures(recipe: Recipe, config: PretrainedConfig, settings: PruneSett
             "client_model_bytes": weights + lora_bytes, "step_memory_bytes": step_memory,
             "emulator_lora_params": emulator, "kept_layers": plan.sub_num_layers,
             "adapter_layers": plan.full_adapter_layers, "quantization": recipe.quantization,
-            "realign_every": every}
+            "realign_every": recipe.realign_every(realign_every)}
 
 
 def plan_methods(model_config: str, settings: PruneSettings = PruneSettings(),

@@ -75,13 +75,13 @@ def comm_per_round(sub, recipe, realign_every: int) -> dict:
 
     adapter = to_record(sub.adapter_lora())
     emulator = to_record(sub.emulator_lora()) if sub.emulator_layers else None
-    every = recipe.realign_every(realign_every)
     emulator_bytes = record_bytes(emulator) if emulator is not None else 0
-    per_round = emulator_bytes / every if every else 0.0
+    per_round = recipe.comm_per_round(record_bytes(adapter), emulator_bytes, realign_every)
     return {"adapter_bytes": record_bytes(adapter), "adapter_params": record_params(adapter),
-            "emulator_bytes": emulator_bytes, "emulator_sent_every_rounds": every,
-            "emulator_bytes_per_round": per_round,
-            "comm_bytes_per_round": 2 * record_bytes(adapter) + per_round}
+            "emulator_bytes": emulator_bytes,
+            "emulator_sent_every_rounds": recipe.realign_every(realign_every),
+            "emulator_bytes_per_round": per_round - 2 * record_bytes(adapter),
+            "comm_bytes_per_round": per_round}
 
 
 def server_timings(full, tokenizer, model_spec: str, data_dir: str | None, sub, folder: Path,

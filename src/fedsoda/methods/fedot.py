@@ -3,7 +3,8 @@
 Recipe:
 - adapter: the first layer and the last ``L_A - 1`` layers (paper: first one, last two);
 - emulator compression: uniform layer dropping of the same ``p`` windows of ``n`` layers as
-  FedSODA prunes, kept in 16-bit (bf16);
+  FedSODA prunes, spread evenly instead of chosen by similarity (``uniform_groups``; blocks,
+  where Offsite-tuning drops single layers), kept in 16-bit (bf16);
 - emulator LoRA on every kept emulator layer, distilled once on public data before training
   (same losses and settings as FedSODA's pre-alignment); never realigned;
 - sent per round: the adapter LoRA down and up; the sub-model and its emulator LoRA once.

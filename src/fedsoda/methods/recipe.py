@@ -39,6 +39,18 @@ class Recipe:
         """The realignment period this method runs with (0: never)."""
         return {"every_r": configured, "every_round": 1, "never": 0}[self.realign]
 
+    def comm_per_round(self, adapter: float, emulator: float, realign_every: int) -> float:
+        """One client's steady-state traffic in a round, down plus up, in the unit given
+        (parameters or bytes): the adapter LoRA both ways, and the emulator LoRA down once per
+        realignment period.
+
+        A run sends a little less: a client's first emulator LoRA goes with its one-time
+        download, no realignment follows the last round, and a client that missed several
+        realignments gets only the latest.
+        """
+        every = self.realign_every(realign_every)
+        return 2 * adapter + (emulator / every if every else 0)
+
     def adapter_split(self, adapter_layers: int) -> tuple[int, int]:
         """``(first, last)`` adapter layers for a total of ``adapter_layers``."""
         if self.first_adapter_layers >= adapter_layers:

@@ -198,9 +198,13 @@ class PruningPlan:
 
 def uniform_groups(num_layers: int, adapter_layers: int, n: int, p: int,
                    first_adapter_layers: int = 0) -> list[list[int]]:
-    """Offsite-tuning style uniform dropping: ``p`` windows spread evenly over the emulator.
+    """Uniform dropping: ``p`` windows of ``n + 1`` layers spread evenly over the emulator.
 
-    ``first_adapter_layers`` excludes layers at the bottom too (FedOT trains the first layer).
+    Offsite-tuning itself drops single layers at evenly spaced positions. Here the dropped
+    layers come in the same blocks as SGP removes (keep each window's start, drop the ``n``
+    after it), so the baselines differ from FedSODA only in where the blocks sit, and their
+    alignment has the same ``p`` intermediate terms. ``first_adapter_layers`` excludes layers
+    at the bottom too (FedOT trains the first layer).
     """
     lo, hi = first_adapter_layers, num_layers - adapter_layers  # emulator is [lo, hi)
     span = hi - lo
