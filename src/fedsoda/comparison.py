@@ -153,7 +153,8 @@ def plot_comparison(runs: list[dict], path: Path) -> None:
     figure, (by_round, by_bytes) = plt.subplots(1, 2, figsize=(10, 3.6))
     colours = {m: f"C{i}" for i, m in enumerate(ORDER)}
     labelled = set()
-    for run in runs:
+    rank = {m: i for i, m in enumerate(ORDER)}
+    for run in sorted(runs, key=lambda r: rank.get(r["summary"]["method"], len(ORDER))):  # legend order
         method = run["summary"]["method"]
         total, points = 0, []
         for m in run["metrics"]:
