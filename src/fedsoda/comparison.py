@@ -188,8 +188,10 @@ def write_report(run_folders: list[Path | str], out: Path | str) -> list[dict]:
     rows = table_rows(runs)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "table.md").write_text(markdown_table(rows, runs) + "\nAccuracy (%) of the full LLM + "
-                                  "adapter by round, mean over seeds:\n\n" + rounds_table(runs))
+    (out / "table.md").write_text(
+        markdown_table(rows, runs) + "\nAccuracy (%) of the full LLM + adapter by round; for the "
+        "last round also the accuracy at the option margin's best threshold, the margin's AUC and "
+        "how often each option won (means over seeds):\n\n" + rounds_table(runs))
     (out / "table.json").write_text(json.dumps({"rows": rows, "runs": [r["folder"] for r in runs]},
                                                indent=2) + "\n")
     plot_comparison(runs, out / "compare.png")
