@@ -12,6 +12,13 @@ from collections import defaultdict
 from pathlib import Path
 
 ORDER = ("fedpetuning", "fedot", "fedbiot", "fedsoda")
+
+
+def paper_rank(method: str) -> int:
+    """Position in the paper's table; methods it does not have come last."""
+    return ORDER.index(method) if method in ORDER else len(ORDER)
+
+
 NAMES = {"fedpetuning": "FedPETuning", "fedot": "FedOT", "fedbiot": "FedBiOT", "fedsoda": "FedSODA"}
 
 
@@ -48,7 +55,7 @@ def table_rows(runs: list[dict]) -> list[dict]:
         raise ValueError(f"runs differ in task, model, partition or rounds: {sorted(map(str, settings))}; "
                          "compare runs of one setting at a time")
     rows = []
-    for method in sorted(by_method, key=lambda m: ORDER.index(m) if m in ORDER else len(ORDER)):
+    for method in sorted(by_method, key=paper_rank):
         group = by_method[method]
         accuracy = _mean_spread([s["accuracy"] for s in group])
         sub = _mean_spread([s["accuracy_sub"] for s in group])
@@ -125,7 +132,7 @@ def rounds_table(runs: list[dict]) -> str:
     header = [f"round {r}" for r in rounds] + [name for name, _ in FINAL_FIGURES.values()]
     lines = ["| Method | " + " | ".join(header) + " | option shares (last round) |",
              "|---|" + "---|" * (len(header) + 1)]
-    for method in sorted(by_method, key=lambda m: ORDER.index(m) if m in ORDER else len(ORDER)):
+    for method in sorted(by_method, key=paper_rank):
         group = by_method[method]
         cells = [f"{100 * statistics.fmean(e[r]['accuracy'] for e in group):.1f}" for r in rounds]
         last = [e[rounds[-1]] for e in group]
@@ -153,8 +160,7 @@ def plot_comparison(runs: list[dict], path: Path) -> None:
     figure, (by_round, by_bytes) = plt.subplots(1, 2, figsize=(10, 3.6))
     colours = {m: f"C{i}" for i, m in enumerate(ORDER)}
     labelled = set()
-    rank = {m: i for i, m in enumerate(ORDER)}
-    for run in sorted(runs, key=lambda r: rank.get(r["summary"]["method"], len(ORDER))):  # legend order
+    for run in sorted(runs, key=lambda r: paper_rank(r["summary"]["method"])):  # legend order
         method = run["summary"]["method"]
         total, points = 0, []
         for m in run["metrics"]:
