@@ -188,7 +188,8 @@ class ActivationCache:
 def cached_prefix(split: FrozenSplit, batch: dict[str, torch.Tensor], keys: list[int],
                   cache: ActivationCache) -> torch.Tensor:
     """The prefix output for ``batch`` (row ``i`` is example ``keys[i]``), from the cache where
-    it holds the example and by running the prefix on the missing rows otherwise.
+    it holds the example and by running the prefix on each missing example alone otherwise
+    (so the result does not depend on what the cache held).
 
     Rows are right-padded; positions past an example's length are zeros, which the attention
     mask hides from every real token, so the loss equals the uncached one.
@@ -199,13 +200,17 @@ def cached_prefix(split: FrozenSplit, batch: dict[str, torch.Tensor], keys: list
     missing = [i for i, row in enumerate(rows) if row is None]
     cache.hits += len(keys) - len(missing)
     cache.misses += len(missing)
-    if missing:
-        width = max(lengths[i] for i in missing)
-        fresh = run_prefix(split, {"input_ids": batch["input_ids"][missing, :width],
-                                   "attention_mask": mask[missing, :width]})
-        for j, i in enumerate(missing):
-            rows[i] = fresh[j, : lengths[i]].clone()
-            cache.put(keys[i], rows[i])
+    for i in missing:
+        # Each missing example runs alone, unpadded: a batch's kernels (their blocking, the
+        # padded width, the companions) change the last bits of every row, so an activation
+        # computed within whichever rows happened to miss would make the cache's content,
+        # and every later step, depend on the cache's history (in simulation: on which actor
+        # served the client before). Alone, an example's activation is a function of the
+        # example and the emulator only, and a run is bitwise reproducible.
+        n = lengths[i]
+        rows[i] = run_prefix(split, {"input_ids": batch["input_ids"][i: i + 1, :n],
+                                     "attention_mask": mask[i: i + 1, :n]})[0].clone()
+        cache.put(keys[i], rows[i])
     device = mask.device
     hidden = torch.zeros((len(keys), mask.shape[1], rows[0].shape[-1]), dtype=rows[0].dtype,
                          device=device)
