@@ -13,7 +13,7 @@ def test_impossible_settings_fail_before_the_model_loads(tiny_model_dir, shared_
     def no_loading(*_args, **_kwargs):
         raise AssertionError("the model must not be loaded for impossible settings")
 
-    monkeypatch.setattr("fedsoda.commands.model_prep.load", no_loading)
+    monkeypatch.setattr("fedsoda.surgery.sgp.load", no_loading)
     base = ["prune", "--model", str(tiny_model_dir), "--data-dir", str(shared_data)]
     for extra, message in [(["--n", "3", "--p", "3"], "use p <= 1"),  # 7-layer emulator // 4
                            (["--n", "0"], "must be >= 1"),

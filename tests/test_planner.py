@@ -10,7 +10,8 @@ from conftest import tiny_model
 from fedsoda.cli import main
 from fedsoda.federated.messages import record_params, to_record
 from fedsoda.methods import RECIPES
-from fedsoda.planner import method_figures, plan_methods, size_plan
+from fedsoda.methods.client_model import layout_plan
+from fedsoda.planner import method_figures, plan_methods
 from fedsoda.surgery.build import make_sub_llm, save_sub_llm
 from fedsoda.surgery.lora import LoraSpec
 from fedsoda.surgery.plan import PruneSettings
@@ -40,7 +41,7 @@ def test_planner_matches_a_real_build_of_the_same_model(method, tied, tmp_path):
     recipe = RECIPES[method]
     planned = method_figures(recipe, full.config, SETTINGS, LoraSpec(), realign_every=1,
                              batch=2, seq=16)
-    sub = make_sub_llm(full, size_plan(recipe, 10, SETTINGS), tmp_path, seed=0,
+    sub = make_sub_llm(full, layout_plan(recipe, "tiny", 10, SETTINGS), tmp_path, seed=0,
                        quantization=recipe.quantization, emulator_lora=recipe.emulator_lora)
     save_sub_llm(sub, tmp_path)
     # What a run counts: parameters of the serialized records (Flower ArrayRecords).

@@ -19,12 +19,11 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from fedsoda.methods import RECIPES
+from fedsoda.methods.client_model import build_client_model
 from fedsoda.methods.recipe import Recipe
-from fedsoda.surgery.build import emulator_lora_layers
-from fedsoda.surgery.lora import LoraSpec, attach_lora, lora_numel
-from fedsoda.surgery.plan import PruneSettings, PruningPlan, uniform_plan, unpruned_plan
+from fedsoda.surgery.lora import LoraSpec, lora_numel
+from fedsoda.surgery.plan import PruneSettings
 from fedsoda.surgery.quantize import dense_bytes, nf4_storage_bytes
-from fedsoda.surgery.subllm import build_sub_llm
 
 PAPER_MODELS = ("llama3-8b", "qwen2-7b", "mistral-7b")
 
@@ -47,15 +46,6 @@ def load_model_config(name_or_path: str) -> PretrainedConfig:
     return AutoConfig.for_model(**facts)
 
 
-def size_plan(recipe: Recipe, num_layers: int, settings: PruneSettings) -> PruningPlan:
-    """The recipe's layer layout; SGP's windows are placed uniformly (sizes are the same)."""
-    if recipe.pruning == "none":
-        return unpruned_plan("planner", num_layers)
-    settings.check_model(num_layers)
-    first, last = recipe.adapter_split(settings.adapter_layers)
-    return uniform_plan("planner", num_layers, last, settings.n, settings.p, first)
-
-
 def saved_activation_bytes(config: PretrainedConfig, batch: int, seq: int, layers: int) -> int:
     """bf16 activations the backward pass keeps for ``layers`` decoder layers (an estimate).
 
@@ -74,13 +64,12 @@ def method_figures(recipe: Recipe, config: PretrainedConfig, settings: PruneSett
     """One method's per-client figures for the model of ``config``."""
     with torch.device("meta"):
         full: nn.Module = AutoModelForCausalLM.from_config(config)
-    plan = size_plan(recipe, config.num_hidden_layers, settings)
-    sub = build_sub_llm(full, plan.kept_layers)
-    weights = nf4_storage_bytes(sub) if recipe.quantization == "nf4" else dense_bytes(sub, 2)
-    emulator_layers = emulator_lora_layers(plan, recipe.emulator_lora)
-    model = attach_lora(sub, sorted(set(emulator_layers) | set(plan.sub_adapter_layers)), spec)
-    adapter = lora_numel(model, plan.sub_adapter_layers)
-    emulator = lora_numel(model, emulator_layers)
+    sub = build_client_model(recipe, "planner", full, None, settings, None, folder=None,
+                             measure_similarity=False, spec=spec)
+    plan, model = sub.plan, sub.model
+    weights = nf4_storage_bytes(model) if recipe.quantization == "nf4" else dense_bytes(model, 2)
+    adapter = lora_numel(model, sub.adapter_layers)
+    emulator = lora_numel(model, sub.emulator_layers)
     comm = int(recipe.comm_per_round(adapter, emulator, realign_every))
     lora_bytes = 4 * (adapter + emulator)  # LoRA tensors are held and sent in float32
     # Backward runs from the lowest trainable layer up; below it, no graph is kept.

@@ -89,16 +89,16 @@ def server_timings(full, tokenizer, model_spec: str, data_dir: str | None, sub, 
     """FedSODA's server work: SGP from scratch, teacher caching, pre-alignment, one realignment."""
     from fedsoda.align import oda
     from fedsoda.align.oda import AlignSettings, public_caches
-    from fedsoda.commands.model_prep import prune
     from fedsoda.methods import get_recipe, server_models
     from fedsoda.surgery.plugback import plug_adapter
+    from fedsoda.surgery.sgp import sgp_plan
 
     if quick:
         prune_settings = dataclasses.replace(prune_settings, samples=min(8, prune_settings.samples))
     # Quick: one batch for pre-alignment, the held-out measure and the realignment each.
     align = AlignSettings(samples=8, heldout=8, realign_samples=8) if quick else AlignSettings()
     began = time.perf_counter()
-    prune(model_spec, prune_settings, data_dir, None, use_cache=False, loaded=(full, tokenizer))
+    sgp_plan(model_spec, prune_settings, data_dir, use_cache=False, loaded=(full, tokenizer))
     out = {"sgp_seconds": time.perf_counter() - began, "sgp_samples": prune_settings.samples}
     teacher = plug_adapter(copy.deepcopy(full), sub.adapter_lora(), sub.plan)
     began = time.perf_counter()
@@ -127,9 +127,9 @@ def build_client_models(model: str, methods: list[str], data_dir: str | None,
     """Each method's client model folder, storage and comm; FedSODA's server timings."""
     from fedsoda.federated.config import RunConfig
     from fedsoda.methods import get_recipe
-    from fedsoda.methods.server_models import make_plan
+    from fedsoda.methods.client_model import build_client_model
     from fedsoda.models import load
-    from fedsoda.surgery.build import make_sub_llm, save_sub_llm
+    from fedsoda.surgery.build import save_sub_llm
 
     full, tokenizer = load(model)
     embedding = full.get_input_embeddings().weight
@@ -138,9 +138,9 @@ def build_client_models(model: str, methods: list[str], data_dir: str | None,
         recipe, folder = get_recipe(name), root / name
         shutil.rmtree(folder, ignore_errors=True)
         began = time.perf_counter()
-        plan = make_plan(recipe, model, full, tokenizer, prune, data_dir, folder / "plan.json")
-        sub = make_sub_llm(full, plan, folder / "subllm", tokenizer,
-                           quantization=recipe.quantization, emulator_lora=recipe.emulator_lora)
+        sub = build_client_model(recipe, model, full, tokenizer, prune, data_dir, folder / "subllm")
+        plan = sub.plan
+        plan.save(folder / "plan.json")
         build_seconds = time.perf_counter() - began
         if name == "fedsoda":
             _log("server: SGP, teacher cache, pre-alignment, one realignment")

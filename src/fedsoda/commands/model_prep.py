@@ -8,53 +8,25 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 from fedsoda.align.oda import AlignSettings, pre_align, public_caches
-from fedsoda.data.public import public_batches
-from fedsoda.models import cache_dir, load, load_config, model_fingerprint
+from fedsoda.models import load, load_config
 from fedsoda.surgery.build import make_sub_llm, save_sub_llm
 from fedsoda.surgery.plan import PruneSettings, PruningPlan
 from fedsoda.surgery.plugback import plug_adapter
 from fedsoda.surgery.quantize import dense_bytes
-from fedsoda.surgery.similarity import similarity_plan
+from fedsoda.surgery.sgp import sgp_plan
 
 
 def _log(message: str) -> None:
     print(f"[fedsoda] {message}", flush=True)
 
 
-def plan_cache_path(model_hash: str, data_hash: str, settings: PruneSettings) -> Path:
-    key = f"{model_hash}-{data_hash}-n{settings.n}-p{settings.p}-a{settings.adapter_layers}-{settings.token}"
-    return cache_dir() / "plans" / f"{key}.json"
-
-
 def prune(model_spec: str, settings: PruneSettings, data_dir: str | None, out: str | None,
-          seed: int = 0, use_cache: bool = True, loaded: tuple | None = None) -> PruningPlan:
-    """Similarity group pruning of ``model_spec``; the plan is cached by content.
-
-    ``loaded`` passes an already loaded ``(model, tokenizer)`` so that it is not loaded twice.
-    """
-    began = time.perf_counter()
-    # Validate against the config before paying for the weights.
-    settings.check_model(load_config(model_spec).num_hidden_layers)
-    model, tokenizer = loaded or load(model_spec)
-    batches, data_hash = public_batches(tokenizer, "validation", settings.samples,
-                                        settings.seq_len, 8, data_dir, seed)
-    model_hash = model_fingerprint(model)
-    cached = plan_cache_path(model_hash, data_hash, settings)
-    if use_cache and cached.exists():
-        plan = PruningPlan.load(cached)
-        _log(f"plan taken from cache {cached}")
-    else:
-        with torch.inference_mode():
-            plan = similarity_plan(model, batches, settings, model_spec, model_hash, data_hash)
-        plan = dataclasses.replace(plan, seconds=time.perf_counter() - began)
-        plan.save(cached)
+          seed: int = 0, use_cache: bool = True) -> PruningPlan:
+    """`fedsoda prune`: similarity group pruning (cached by content), the plan written to ``out``."""
+    plan = sgp_plan(model_spec, settings, data_dir, seed, use_cache)
     if out:
         plan.save(out)
-    _log(f"groups {plan.groups}; sub-LLM keeps {plan.sub_num_layers} of {plan.num_layers} "
-         f"layers; {time.perf_counter() - began:.1f} s")
     return plan
 
 

@@ -20,13 +20,13 @@ from fedsoda.align.oda import (
     public_caches,
     realign_indices,
 )
-from fedsoda.commands.model_prep import prune
 from fedsoda.evaluate.tasks import evaluate
+from fedsoda.methods.client_model import build_client_model, recipe_plan
 from fedsoda.methods.recipe import Recipe
 from fedsoda.models import load
-from fedsoda.surgery.build import SubLLM, make_sub_llm, open_sub_llm, save_sub_llm
+from fedsoda.surgery.build import SubLLM, open_sub_llm, save_sub_llm
 from fedsoda.surgery.lora import load_lora_state
-from fedsoda.surgery.plan import PruneSettings, PruningPlan, uniform_plan, unpruned_plan
+from fedsoda.surgery.plan import PruneSettings, PruningPlan
 from fedsoda.surgery.plugback import export_peft, plug_adapter, to_full_names
 from fedsoda.surgery.quantize import dense_bytes
 
@@ -48,16 +48,8 @@ class ServerModels:
 
 def make_plan(recipe: Recipe, model_spec: str, full: nn.Module, tokenizer,
               settings: PruneSettings, data_dir: str | None, out: Path) -> PruningPlan:
-    """The recipe's plan: SGP (cached), uniform dropping of the same n and p, or none."""
-    num_layers = full.config.num_hidden_layers
-    if recipe.pruning == "sgp":
-        return prune(model_spec, settings, data_dir, str(out), loaded=(full, tokenizer))
-    if recipe.pruning == "uniform":
-        first, last = recipe.adapter_split(settings.adapter_layers)
-        settings.check_model(num_layers)
-        plan = uniform_plan(model_spec, num_layers, last, settings.n, settings.p, first)
-    else:
-        plan = unpruned_plan(model_spec, num_layers)
+    """The recipe's plan (SGP cached, uniform dropping of the same n and p, or none), saved."""
+    plan = recipe_plan(recipe, model_spec, full, tokenizer, settings, data_dir)
     plan.save(out)
     return plan
 
@@ -75,10 +67,9 @@ def prepare(recipe: Recipe, model_spec: str, prune_settings: PruneSettings,
     if (folder / "lora.json").exists():
         sub, pre_align = open_sub_llm(folder), False
     else:
-        plan = make_plan(recipe, model_spec, full, tokenizer, prune_settings, data_dir,
-                         out / "plan.json")
-        sub = make_sub_llm(full, plan, folder, tokenizer, seed=settings.seed,
-                           quantization=recipe.quantization, emulator_lora=recipe.emulator_lora)
+        sub = build_client_model(recipe, model_spec, full, tokenizer, prune_settings, data_dir,
+                                 folder, seed=settings.seed)
+        sub.plan.save(out / "plan.json")
     full_bf16_bytes = dense_bytes(full, 2)
     teacher = plug_adapter(copy.deepcopy(full), sub.adapter_lora(), sub.plan)
     del full

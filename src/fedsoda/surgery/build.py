@@ -90,6 +90,14 @@ def make_sub_llm(full_model: nn.Module, plan: PruningPlan, folder: Path | str, t
                       seed, emulator_lora_layers(plan, emulator_lora), quantization)
 
 
+def sketch_sub_llm(full_model: nn.Module, plan: PruningPlan, spec: LoraSpec = LoraSpec(),
+                   seed: int = 0, quantization: str = "nf4", emulator_lora: str = "starts") -> SubLLM:
+    """The client model pruned in memory with both LoRA sets, neither quantized nor stored:
+    its structure as clients would hold it (the meta device works)."""
+    return _with_lora(build_sub_llm(full_model, plan.kept_layers), plan, spec, seed,
+                      emulator_lora_layers(plan, emulator_lora), quantization)
+
+
 def save_sub_llm(sub: SubLLM, folder: Path | str) -> dict[str, int]:
     """Write the LoRA sets, their layout and the plan beside ``folder/model``; returns sizes."""
     folder = Path(folder)

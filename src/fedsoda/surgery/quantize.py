@@ -100,13 +100,18 @@ def storage_bytes(folder: Path | str) -> int:
     return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
 
 
-def dense_bytes(model: nn.Module, bytes_per_param: int = 2) -> int:
-    """Bytes of a model's unique parameters at ``bytes_per_param`` (2 = bf16).
+def _weights(model: nn.Module) -> list[nn.Parameter]:
+    """A model's unique parameters without LoRA tensors (those are stored apart, in float32).
 
-    ``parameters()`` yields a tied parameter once, so a tied LM head is not counted twice;
-    this also holds on the meta device, where every tensor has the same (null) address.
+    ``named_parameters()`` yields a tied parameter once, so a tied LM head is not counted
+    twice; this also holds on the meta device, where every tensor has the same (null) address.
     """
-    return sum(param.numel() * bytes_per_param for param in model.parameters())
+    return [param for name, param in model.named_parameters() if "lora_" not in name]
+
+
+def dense_bytes(model: nn.Module, bytes_per_param: int = 2) -> int:
+    """Bytes of a model's unique weights at ``bytes_per_param`` (2 = bf16), LoRA not counted."""
+    return sum(param.numel() * bytes_per_param for param in _weights(model))
 
 
 def nf4_linear_bytes(out_features: int, in_features: int) -> int:
@@ -128,10 +133,11 @@ def nf4_storage_bytes(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) ->
     """What ``save_nf4`` writes for ``model``, from its structure alone (meta device works).
 
     Every linear projection but ``skip`` becomes NF4; every other parameter (embeddings,
-    norms, biases, an untied LM head) stays bf16. Safetensors headers are not counted.
+    norms, biases, an untied LM head) stays bf16. LoRA tensors and safetensors headers are
+    not counted.
     """
     quantized = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] not in skip:
             quantized[id(module.weight)] = nf4_linear_bytes(module.out_features, module.in_features)
-    return sum(quantized.get(id(param), param.numel() * 2) for param in model.parameters())
+    return sum(quantized.get(id(param), param.numel() * 2) for param in _weights(model))
