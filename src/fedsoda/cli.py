@@ -96,7 +96,8 @@ def _add_compare(commands) -> None:
                                                  "write the comparison table and plot")
     parser.add_argument("config", nargs="?", default=None, help="TOML config shared by all runs")
     parser.add_argument("--task", default="sst2", choices=["sst2", "boolq", "gsm8k"])
-    parser.add_argument("--methods", default="fedpetuning,fedot,fedbiot,fedsoda")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated (default: every method, in the paper's order)")
     parser.add_argument("--partition", default=None, help="iid | dirichlet:BETA")
     parser.add_argument("--seeds", default="0", help="comma-separated, e.g. 0,1,2")
     for flag in ("rounds", "clients", "clients-per-round", "eval-every", "eval-limit"):
@@ -127,7 +128,8 @@ def _add_bench(commands) -> None:
     parser = commands.add_parser("bench", help="client step time, memory, storage and comm of "
                                                "every method, side by side on this machine")
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--methods", default="fedpetuning,fedot,fedbiot,fedsoda")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated (default: every method with a Recipe)")
     parser.add_argument("--quick", action="store_true", help="fewer steps; under 5 minutes")
     parser.add_argument("--steps", type=int, default=None, help="timed steps after warm-up")
     parser.add_argument("--batch-size", type=int, default=8)

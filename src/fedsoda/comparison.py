@@ -11,15 +11,12 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-ORDER = ("fedpetuning", "fedot", "fedbiot", "fedsoda")
+from fedsoda.methods import ORDER, TITLES
 
 
 def paper_rank(method: str) -> int:
     """Position in the paper's table; methods it does not have come last."""
     return ORDER.index(method) if method in ORDER else len(ORDER)
-
-
-NAMES = {"fedpetuning": "FedPETuning", "fedot": "FedOT", "fedbiot": "FedBiOT", "fedsoda": "FedSODA"}
 
 
 def read_run(folder: Path | str) -> dict:
@@ -99,7 +96,7 @@ def markdown_table(rows: list[dict], runs: list[dict]) -> str:
     ]
     for row in rows:
         lines.append(
-            f"| {NAMES.get(row['method'], row['method'])} | {mark[row['pruning']]} "
+            f"| {TITLES.get(row['method'], row['method'])} | {mark[row['pruning']]} "
             f"| {mark[row['pre_align']]} | {mark[row['realign']]} "
             f"| {100 * row['accuracy']:.1f} ± {100 * row['accuracy_spread']:.1f} "
             f"| {100 * row['accuracy_sub']:.1f} ± {100 * row['accuracy_sub_spread']:.1f} "
@@ -146,7 +143,7 @@ def rounds_table(runs: list[dict]) -> str:
                 for option in options))
         else:
             cells.append("–")
-        lines.append(f"| {NAMES.get(method, method)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {TITLES.get(method, method)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -167,7 +164,7 @@ def plot_comparison(runs: list[dict], path: Path) -> None:
             total += m["bytes_down"] + m["bytes_up"]
             if "accuracy" in m:
                 points.append((m["round"], total / 2**20, m["accuracy"]))
-        label = None if method in labelled else NAMES.get(method, method)
+        label = None if method in labelled else TITLES.get(method, method)
         labelled.add(method)
         style = {"color": colours.get(method), "marker": "o", "label": label}
         by_round.plot([p[0] for p in points], [p[2] for p in points], **style)

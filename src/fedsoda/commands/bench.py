@@ -200,7 +200,11 @@ def efficiency(figures: dict, throughput: dict) -> None:
 
 def bench_command(args) -> dict:
     """`fedsoda bench`: the CLI's flags mapped onto ``run_bench``."""
-    return run_bench(args.model, [m.strip() for m in args.methods.split(",") if m.strip()],
+    from fedsoda.methods import ORDER, RECIPES
+
+    # By default every method with a Recipe: only those build a client model to measure.
+    methods = args.methods or ",".join(m for m in ORDER if m in RECIPES)
+    return run_bench(args.model, [m.strip() for m in methods.split(",") if m.strip()],
                      bool(args.quick), args.steps, args.batch_size, args.seq_len, args.device,
                      args.data_dir, args.out, threads=getattr(args, "threads", None))
 

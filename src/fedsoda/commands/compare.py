@@ -30,11 +30,11 @@ def settings_differ(saved, wanted) -> list[str]:
 
     The alignment settings count only for methods that align (FedPETuning never does).
     """
-    from fedsoda.methods import get_recipe
+    from fedsoda.methods import RECIPES
 
     old, new = dataclasses.asdict(saved), dataclasses.asdict(wanted)
-    recipe = get_recipe(wanted.method)
-    skip = NOT_SETTINGS + (() if recipe.aligns else ("align",))
+    recipe = RECIPES.get(wanted.method)  # a method without a Recipe does not align
+    skip = NOT_SETTINGS + (() if recipe and recipe.aligns else ("align",))
     differ = []
     for key in new:
         if key in skip:
@@ -50,11 +50,12 @@ def settings_differ(saved, wanted) -> list[str]:
 def compare_command(args: argparse.Namespace) -> list[dict]:
     from fedsoda.commands.run import with_data_dir
     from fedsoda.federated.config import load_config
+    from fedsoda.methods import ORDER
 
     out = Path(args.out)
     plans = []  # every config is checked before the first run starts
     for seed in _split(args.seeds, int):
-        for method in _split(args.methods):
+        for method in _split(args.methods or ",".join(ORDER)):
             folder = out / f"{method}-seed{seed}"
             flags = {"method": method, "task": args.task, "partition": args.partition,
                      "seed": seed, "out": str(folder), "rounds": args.rounds,

@@ -11,5 +11,6 @@ Recipe:
 
 from fedsoda.methods.recipe import Recipe
 
+TITLE = "FedBiOT"
 RECIPE = Recipe(name="fedbiot", pruning="uniform", first_adapter_layers=0, quantization="bf16",
                 emulator_lora="all", pre_align=True, realign="every_round")

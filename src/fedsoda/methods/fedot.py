@@ -12,5 +12,6 @@ Recipe:
 
 from fedsoda.methods.recipe import Recipe
 
+TITLE = "FedOT"
 RECIPE = Recipe(name="fedot", pruning="uniform", first_adapter_layers=1, quantization="bf16",
                 emulator_lora="all", pre_align=True, realign="never")

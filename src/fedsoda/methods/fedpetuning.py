@@ -9,5 +9,6 @@ Recipe:
 
 from fedsoda.methods.recipe import Recipe
 
+TITLE = "FedPETuning"
 RECIPE = Recipe(name="fedpetuning", pruning="none", first_adapter_layers=0, quantization="bf16",
                 emulator_lora="none", pre_align=False, realign="never")

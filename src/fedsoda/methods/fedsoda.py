@@ -16,5 +16,6 @@ Recipe:
 
 from fedsoda.methods.recipe import Recipe
 
+TITLE = "FedSODA"
 RECIPE = Recipe(name="fedsoda", pruning="sgp", first_adapter_layers=0, quantization="nf4",
                 emulator_lora="starts", pre_align=True, realign="every_r")

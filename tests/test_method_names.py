@@ -1,0 +1,46 @@
+"""Method names, display titles and the paper's order come from fedsoda.methods alone; the
+CLI's defaults, the comparison table and the config follow them."""
+
+import argparse
+
+from fedsoda import cli
+from fedsoda.comparison import paper_rank
+from fedsoda.methods import ORDER, RECIPES, TITLES, fedbiot, fedot, fedpetuning, fedsoda
+
+# The FedSODA paper's Table 2, top to bottom, as the paper spells the methods.
+PAPER = {"fedpetuning": "FedPETuning", "fedot": "FedOT", "fedbiot": "FedBiOT", "fedsoda": "FedSODA"}
+
+
+def test_titles_and_order_come_from_the_method_modules():
+    assert [name for name in ORDER if name in PAPER] == list(PAPER)
+    assert {name: TITLES[name] for name in PAPER} == PAPER
+    assert [m.TITLE for m in (fedpetuning, fedot, fedbiot, fedsoda)] == list(PAPER.values())
+    assert set(TITLES) == set(ORDER) and set(RECIPES) <= set(ORDER)
+    assert [paper_rank(name) for name in PAPER] == [0, 1, 2, 3]
+    assert paper_rank("fedx") == len(ORDER)
+
+
+def test_compare_runs_every_method_in_the_papers_order_by_default(tmp_path, monkeypatch, capsys):
+    started = []
+    monkeypatch.setattr("fedsoda.federated.simulation.simulate",
+                        lambda cfg, resume=False: started.append(cfg.method))
+
+    def report(_folders, out):
+        (out / "table.md").write_text("table\n")
+
+    monkeypatch.setattr("fedsoda.commands.compare.write_report", report)
+    (tmp_path / "out").mkdir()
+    assert cli.main(["compare", "--out", str(tmp_path / "out")]) == 0
+    assert started == list(ORDER)
+
+
+def test_bench_measures_every_method_with_a_recipe_by_default(monkeypatch):
+    from fedsoda.commands import bench
+
+    asked = []
+    monkeypatch.setattr(bench, "run_bench", lambda model, methods, *_a, **_k: asked.append(methods))
+    args = cli.parser().parse_args(["bench"])
+    bench.bench_command(args)
+    bench.bench_command(argparse.Namespace(**{**vars(args), "methods": "fedot, fedsoda"}))
+    assert asked == [[name for name in ORDER if name in RECIPES], ["fedot", "fedsoda"]]
+    assert asked[0][:4] == list(PAPER)
