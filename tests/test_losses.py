@@ -2,9 +2,17 @@
 
 import math
 
+import pytest
 import torch
 
-from fedsoda.align.losses import alignment_loss, kl_divergence, masked_mse, relative_mse
+from fedsoda.align.losses import (
+    REPRESENTATION_LOSSES,
+    alignment_loss,
+    kl_divergence,
+    masked_mse,
+    relative_mse,
+)
+from fedsoda.align.settings import REP_LOSS_NAMES, AlignSettings
 
 
 def test_masked_mse_by_hand():
@@ -48,3 +56,10 @@ def test_kl_is_mean_over_rows():
 def test_alignment_loss_weights():
     loss = alignment_loss(torch.tensor(1.0), torch.tensor(2.0), torch.tensor(4.0), 0.5, 2.0)
     assert loss.item() == 0.5 * 3.0 + 2.0 * 4.0
+
+
+def test_the_settings_know_every_representation_loss_and_no_other():
+    # AlignSettings lives apart from the losses (reading a config must not import torch).
+    assert sorted(REP_LOSS_NAMES) == sorted(REPRESENTATION_LOSSES) == ["mse", "relative"]
+    with pytest.raises(ValueError, match="rep_loss must be one of"):
+        AlignSettings(rep_loss="cosine")

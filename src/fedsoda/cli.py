@@ -3,25 +3,54 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
-from fedsoda.align.oda import AlignSettings
-from fedsoda.data.sources import DataNotFoundError, MalformedDataError
-from fedsoda.models import ModelNotFoundError
-from fedsoda.surgery.plan import PruneSettings
+# Light imports only: `fedsoda --help` must not load torch or flwr (a test checks). Hence
+# no fedsoda.methods here, and no RunConfig() (its checks import fedsoda.methods).
+from fedsoda.align.settings import AlignSettings
+from fedsoda.federated.config import RunConfig, field_types
+from fedsoda.surgery.plan import LAYOUT_FIELDS, TOKENS, PruneSettings
+
+PRUNE_NOTES = {"n": "layers pruned per group", "p": "number of groups"}
+BUILD_ALIGN = ("samples", "heldout", "seq_len", "batch_size", "epochs", "seed", "lr", "alpha", "beta")
+
+
+def _add_fields(parser: argparse.ArgumentParser, cls, names: tuple[str, ...] | None = None,
+                defaults: bool = True, choices: dict | None = None, notes: dict | None = None) -> None:
+    """One flag per field of a settings dataclass (``--seq-len`` for ``seq_len``), typed as the
+    field. Its default is the dataclass's; with ``defaults=False`` it is None, so that a
+    config file's value stands unless the flag is given."""
+    kinds, values, choices, notes = field_types(cls), _defaults(cls), choices or {}, notes or {}
+    for name in names or tuple(kinds):
+        kind, value = kinds[name], values[name]
+        flag = f"--{name.replace('_', '-')}"
+        note = f"{notes[name]}; default: {value}" if name in notes else f"default: {value}"
+        default = value if defaults else None
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                                help=note)
+        else:
+            parser.add_argument(flag, type=kind, default=default, choices=choices.get(name),
+                                help=note)
+
+
+def _defaults(cls) -> dict:
+    """A dataclass's field defaults, read without making one."""
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+
+
+def _from_fields(cls, args: argparse.Namespace, names: tuple[str, ...] | None = None):
+    """The dataclass from the flags ``_add_fields`` added."""
+    return cls(**{name: getattr(args, name) for name in names or tuple(field_types(cls))})
 
 
 def _add_prune(commands) -> None:
     parser = commands.add_parser("prune", help="similarity group pruning: write a pruning plan")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--data-dir", default=None, help="local data folder (or FEDSODA_DATA_DIR)")
-    parser.add_argument("--n", type=int, default=3, help="layers pruned per group")
-    parser.add_argument("--p", type=int, default=4, help="number of groups")
-    parser.add_argument("--adapter-layers", type=int, default=3)
-    parser.add_argument("--samples", type=int, default=64)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--token", choices=["last", "all"], default="last")
-    parser.add_argument("--seed", type=int, default=0)
+    _add_fields(parser, PruneSettings, choices={"token": TOKENS}, notes=PRUNE_NOTES)
+    parser.add_argument("--seed", type=int, default=0, help="which public samples are drawn")
     parser.add_argument("--no-cache", action="store_true", help="ignore a cached plan")
     parser.add_argument("--out", default="plan.json")
 
@@ -33,11 +62,7 @@ def _add_build(commands) -> None:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", required=True)
     parser.add_argument("--device", default="cpu")
-    defaults = AlignSettings()
-    for field in ("samples", "heldout", "seq_len", "batch_size", "epochs", "seed"):
-        parser.add_argument(f"--{field.replace('_', '-')}", type=int, default=getattr(defaults, field))
-    for field in ("lr", "alpha", "beta"):
-        parser.add_argument(f"--{field}", type=float, default=getattr(defaults, field))
+    _add_fields(parser, AlignSettings, BUILD_ALIGN)
 
 
 def _add_data(commands) -> None:
@@ -83,12 +108,7 @@ def _add_run(commands) -> None:
                         help="2 clients, 2 rounds, small alignment and evaluation subsets")
     parser.add_argument("--resume", metavar="RUN_DIR", default=None,
                         help="continue a run from its last complete round")
-    for flag, kind in (("method", str), ("model", str), ("task", str), ("clients", int),
-                       ("clients-per-round", int), ("rounds", int), ("local-steps", int),
-                       ("batch-size", int), ("lr", float), ("mu", float), ("realign-every", int),
-                       ("partition", str), ("seed", int), ("eval-every", int),
-                       ("eval-limit", int), ("data-dir", str), ("out", str)):
-        parser.add_argument(f"--{flag}", type=kind, default=None)
+    _add_fields(parser, RunConfig, defaults=False)  # the config file's value stands otherwise
 
 
 def _add_compare(commands) -> None:
@@ -115,12 +135,12 @@ def _add_plan(commands) -> None:
                                               "model, from its config alone (no weights)")
     parser.add_argument("--model-config", required=True,
                         help="llama3-8b | qwen2-7b | mistral-7b | path to a config.json")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--realign-every", type=int, default=5, help="FedSODA's r")
-    parser.add_argument("--n", type=int, default=3)
-    parser.add_argument("--p", type=int, default=4)
-    parser.add_argument("--adapter-layers", type=int, default=3)
+    run = _defaults(RunConfig)  # a client step and schedule as a run has them
+    parser.add_argument("--batch-size", type=int, default=run["batch_size"])
+    parser.add_argument("--seq-len", type=int, default=run["max_tokens"], help="training tokens")
+    parser.add_argument("--realign-every", type=int, default=run["realign_every"],
+                        help="FedSODA's r")
+    _add_fields(parser, PruneSettings, LAYOUT_FIELDS, notes=PRUNE_NOTES)
     parser.add_argument("--out", default=None)
 
 
@@ -160,14 +180,10 @@ def run(args: argparse.Namespace) -> None:
     from fedsoda.commands import data_eval, model_prep
 
     if args.command == "prune":
-        settings = PruneSettings(n=args.n, p=args.p, adapter_layers=args.adapter_layers,
-                                 samples=args.samples, token=args.token, seq_len=args.seq_len)
-        model_prep.prune(args.model, settings, args.data_dir, args.out, args.seed,
-                         use_cache=not args.no_cache)
+        model_prep.prune(args.model, _from_fields(PruneSettings, args), args.data_dir, args.out,
+                         args.seed, use_cache=not args.no_cache)
     elif args.command == "build":
-        settings = AlignSettings(samples=args.samples, heldout=args.heldout, seq_len=args.seq_len,
-                                 batch_size=args.batch_size, epochs=args.epochs, lr=args.lr,
-                                 alpha=args.alpha, beta=args.beta, seed=args.seed)
+        settings = _from_fields(AlignSettings, args, BUILD_ALIGN)
         model_prep.build(args.model, args.plan, args.data_dir, args.out, settings, args.device)
     elif args.command == "data":
         scheme = f"dirichlet:{args.dirichlet}" if args.dirichlet is not None else "iid"
@@ -202,8 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         run(args)
-    except (ValueError, FileNotFoundError, KeyError, ModelNotFoundError, DataNotFoundError,
-            MalformedDataError) as error:
+    # ModelNotFoundError and DataNotFoundError are FileNotFoundErrors, MalformedDataError a
+    # ValueError (importing them here would load torch).
+    except (ValueError, FileNotFoundError, KeyError) as error:
         print(f"fedsoda {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from fedsoda.federated.config import RunConfig
 from fedsoda.methods import RECIPES
 from fedsoda.methods.client_model import build_client_model
 from fedsoda.methods.recipe import Recipe
@@ -26,6 +27,7 @@ from fedsoda.surgery.plan import PruneSettings
 from fedsoda.surgery.quantize import dense_bytes, nf4_storage_bytes
 
 PAPER_MODELS = ("llama3-8b", "qwen2-7b", "mistral-7b")
+RUN = RunConfig()
 
 
 def load_model_config(name_or_path: str) -> PretrainedConfig:
@@ -84,9 +86,10 @@ def method_figures(recipe: Recipe, config: PretrainedConfig, settings: PruneSett
 
 
 def plan_methods(model_config: str, settings: PruneSettings = PruneSettings(),
-                 spec: LoraSpec = LoraSpec(), realign_every: int = 5, batch: int = 8,
-                 seq: int = 256) -> dict:
-    """Every method's figures for one model: the JSON ``fedsoda plan`` writes."""
+                 spec: LoraSpec = LoraSpec(), realign_every: int = RUN.realign_every,
+                 batch: int = RUN.batch_size, seq: int = RUN.max_tokens) -> dict:
+    """Every method's figures for one model: the JSON ``fedsoda plan`` writes. The step and
+    the schedule default to a run's (``RunConfig``)."""
     config = load_model_config(model_config)
     return {"model": model_config, "num_layers": config.num_hidden_layers,
             "assumptions": {"n": settings.n, "p": settings.p,

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from fedsoda.surgery.plan import PruneSettings
+from fedsoda.surgery.plan import LAYOUT_FIELDS, PruneSettings
 
 
 def _gib(value: int) -> str:
@@ -16,7 +16,7 @@ def _gib(value: int) -> str:
 def plan_command(args: argparse.Namespace) -> dict:
     from fedsoda.planner import plan_methods
 
-    settings = PruneSettings(n=args.n, p=args.p, adapter_layers=args.adapter_layers)
+    settings = PruneSettings(**{name: getattr(args, name) for name in LAYOUT_FIELDS})
     result = plan_methods(args.model_config, settings, realign_every=args.realign_every,
                           batch=args.batch_size, seq=args.seq_len)
     print(f"{result['model']} ({result['num_layers']} layers), per client:")

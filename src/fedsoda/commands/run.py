@@ -16,7 +16,7 @@ QUICK = [  # same code path, small everything: 2 clients, 2 rounds, one realignm
 
 
 def run_command(args: argparse.Namespace) -> dict:
-    from fedsoda.federated.config import load_config
+    from fedsoda.federated.config import RunConfig, field_types, load_config
 
     if args.resume:
         saved = Path(args.resume) / "config.toml"
@@ -24,10 +24,7 @@ def run_command(args: argparse.Namespace) -> dict:
             raise FileNotFoundError(f"{saved} not found: --resume needs a run folder")
         cfg = load_config(saved)
     else:
-        flags = {key: getattr(args, key) for key in (
-            "method", "model", "task", "clients", "clients_per_round", "rounds", "local_steps",
-            "batch_size", "lr", "mu", "realign_every", "partition", "seed", "eval_every",
-            "eval_limit", "data_dir", "out")}
+        flags = {name: getattr(args, name) for name in field_types(RunConfig)}  # the CLI's flags
         if args.quick and not flags["out"]:
             flags["out"] = "runs/quick"
         overrides = (QUICK if args.quick else []) + list(args.set)

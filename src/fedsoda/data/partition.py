@@ -7,39 +7,14 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 from datasets import Dataset
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
+from fedsoda.data.scheme import PartitionScheme
 from fedsoda.data.task import load_rows
 from fedsoda.data.tasks import get_task
-
-
-@dataclass(frozen=True)
-class PartitionScheme:
-    """``iid`` or ``dirichlet:BETA`` (smaller beta, stronger label skew)."""
-
-    kind: str = "iid"
-    beta: float = 0.0
-
-    @classmethod
-    def parse(cls, text: str) -> PartitionScheme:
-        if text == "iid":
-            return cls("iid")
-        name, _, value = text.partition(":")
-        if name == "dirichlet":
-            try:
-                beta = float(value)
-            except ValueError:
-                beta = -1.0
-            if beta > 0:
-                return cls("dirichlet", beta)
-        raise ValueError(f"partition {text!r} is not 'iid' or 'dirichlet:BETA' with BETA > 0")
-
-    def __str__(self) -> str:
-        return "iid" if self.kind == "iid" else f"dirichlet:{self.beta:g}"
 
 
 def partition(keys: list[int], clients: int, scheme: PartitionScheme, seed: int = 0,

@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import tomli_w
 
-from fedsoda.align.oda import AlignSettings
-from fedsoda.data.partition import PartitionScheme
-from fedsoda.methods import RECIPES, get_recipe
+from fedsoda.align.settings import AlignSettings
+from fedsoda.data.scheme import PartitionScheme
 from fedsoda.surgery.plan import PruneSettings
 
-METHODS = tuple(RECIPES)
 TASKS = ("sst2", "boolq", "gsm8k")
 
 
@@ -57,8 +56,11 @@ class RunConfig:
     align: AlignSettings = field(default_factory=AlignSettings)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        # Deferred: fedsoda.methods loads torch, and `fedsoda --help` reads this module's fields.
+        from fedsoda.methods import ORDER
+
+        if self.method not in ORDER:
+            raise ValueError(f"method must be one of {', '.join(ORDER)}, got {self.method!r}")
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.clients < 1 or not 1 <= self.clients_per_round <= self.clients:
@@ -84,40 +86,79 @@ class RunConfig:
         Path(path).write_text(tomli_w.dumps(self.to_dict()))
 
 
-def _coerce(value: str, like):
-    """Parse a ``--set`` value to the type of the field's current value."""
-    if isinstance(like, bool):
-        if value.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(f"expected true or false, got {value!r}")
-        return value.lower() in ("true", "1")
-    if isinstance(like, int):
-        return int(value)
-    if isinstance(like, float):
+KINDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+TABLES = {"prune": PruneSettings, "align": AlignSettings}  # [prune] and [align]
+
+
+def field_types(cls) -> dict[str, type]:
+    """``name -> type`` of a settings dataclass's plain fields (int, float, str, bool): the
+    keys a config may set, and the flags of `fedsoda run`, `prune` and `plan`."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if hints[f.name] in KINDS}
+
+
+def _kind(key: str) -> type:
+    """The type of config key ``key`` (``rounds``, ``prune.n``), or a one-line error."""
+    if key in TABLES:
+        example = next(iter(field_types(TABLES[key])))
+        raise ValueError(f"config key {key!r} is a table; set its keys, e.g. {key}.{example}")
+    section, dot, name = key.partition(".")
+    owner = TABLES.get(section) if dot else RunConfig
+    kinds = field_types(owner) if owner else {}
+    if (name if dot else key) not in kinds:
+        raise ValueError(f"unknown config key {key!r}")
+    return kinds[name if dot else key]
+
+
+def _checked(key: str, value):
+    """``value`` as key's type, or a one-line error naming the key. A bool is not an integer
+    here (TOML's ``true`` is no round count); an integer is a fine float."""
+    kind = _kind(key)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    return value
+    if isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):
+        return value
+    raise ValueError(f"config key {key!r} must be {KINDS[kind]}, got {value!r}")
+
+
+def _coerce(key: str, text: str):
+    """Parse a ``--set`` value to the key's type."""
+    kind = _kind(key)
+    if kind is bool:
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"config key {key!r} must be true or false, got {text!r}")
+        return text.lower() in ("true", "1")
+    if kind is str:
+        return text
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"config key {key!r} must be {KINDS[kind]}, got {text!r}") from None
+
+
+def _flat(values: dict) -> dict:
+    """``{"prune": {"n": 2}}`` (a TOML table) as ``{"prune.n": 2}``; other keys as they are."""
+    flat = {}
+    for key, value in values.items():
+        if key in TABLES and isinstance(value, dict):
+            flat.update({f"{key}.{name}": inner for name, inner in value.items()})
+        else:
+            flat[key] = value
+    return flat
 
 
 def _apply(config: RunConfig, values: dict) -> RunConfig:
-    top, nested = {}, {"prune": {}, "align": {}}
-    known = {f.name for f in dataclasses.fields(RunConfig)}
-    for key, value in values.items():
+    top, nested = {}, {section: {} for section in TABLES}
+    for key, value in _flat(values).items():
+        checked = _checked(key, value)
         section, _, name = key.partition(".")
-        if name and section in nested:
-            nested[section][name] = value
-        elif key in nested and isinstance(value, dict):
-            nested[key].update(value)
-        elif key in known:
-            top[key] = value
+        if name:
+            nested[section][name] = checked
         else:
-            raise ValueError(f"unknown config key {key!r}")
+            top[key] = checked
     for section, changes in nested.items():
         if changes:
-            current = getattr(config, section)
-            fields = {f.name for f in dataclasses.fields(current)}
-            unknown = sorted(set(changes) - fields)
-            if unknown:
-                raise ValueError(f"unknown config key {section}.{unknown[0]}")
-            top[section] = dataclasses.replace(current, **changes)
+            top[section] = dataclasses.replace(getattr(config, section), **changes)
     return dataclasses.replace(config, **top)
 
 
@@ -130,20 +171,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
         with open(path, "rb") as handle:
-            config = _apply(config, tomllib.load(handle))
+            try:
+                values = tomllib.load(handle)
+            except tomllib.TOMLDecodeError as error:
+                raise ValueError(f"config file {path} is not valid TOML: {error}") from None
+        config = _apply(config, values)
     config = _apply(config, {k: v for k, v in flags.items() if v is not None})
     pairs = {}
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--set expects key=value, got {item!r}")
-        section, _, name = key.partition(".")
-        owner = getattr(config, section, None) if name else config
-        field_name = name or key
-        if not dataclasses.is_dataclass(owner) or field_name not in {
-                f.name for f in dataclasses.fields(owner)}:
-            raise ValueError(f"unknown config key {key!r}")
-        pairs[key] = _coerce(value, getattr(owner, field_name))
+        pairs[key] = _coerce(key, value)
     return with_method_schedule(_apply(config, pairs))
 
 
@@ -153,6 +192,13 @@ def config_from_flat(values: dict) -> RunConfig:
 
 
 def with_method_schedule(config: RunConfig) -> RunConfig:
-    """The realignment period the method runs with: FedOT never realigns, FedBiOT every round."""
-    recipe = get_recipe(config.method)
+    """The realignment period the method runs with: FedOT never realigns, FedBiOT every round.
+
+    The one place a recipe's schedule is applied; a method without a Recipe keeps the value.
+    """
+    from fedsoda.methods import RECIPES  # deferred, as in RunConfig.__post_init__
+
+    recipe = RECIPES.get(config.method)
+    if recipe is None:
+        return config
     return dataclasses.replace(config, realign_every=recipe.realign_every(config.realign_every))

@@ -13,6 +13,9 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+TOKENS = ("last", "all")  # which tokens' distances a sample contributes
+LAYOUT_FIELDS = ("n", "p", "adapter_layers")  # the settings that fix which layers stay
+
 
 @dataclass(frozen=True)
 class PruneSettings:
@@ -32,7 +35,7 @@ class PruneSettings:
             raise ValueError(f"p (number of groups) must be >= 0, got {self.p}")
         if self.adapter_layers < 1:
             raise ValueError(f"adapter_layers must be >= 1, got {self.adapter_layers}")
-        if self.token not in ("last", "all"):
+        if self.token not in TOKENS:
             raise ValueError(f"token must be 'last' or 'all', got {self.token!r}")
         if self.samples < 1 or self.seq_len < 2:
             raise ValueError("samples must be >= 1 and seq_len >= 2")
