@@ -108,6 +108,8 @@ def _add_run(commands) -> None:
                         help="2 clients, 2 rounds, small alignment and evaluation subsets")
     parser.add_argument("--resume", metavar="RUN_DIR", default=None,
                         help="continue a run from its last complete round")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="empty the folder of the run already in --out, then start afresh")
     _add_fields(parser, RunConfig, defaults=False)  # the config file's value stands otherwise
 
 

@@ -1,4 +1,10 @@
-"""`fedsoda run`: resolve and check the config, then run the apps in the simulation engine."""
+"""`fedsoda run`: resolve and check the config, then run the apps in the simulation engine.
+
+Everything that can be checked is checked before Ray starts or any weights load (``preflight``):
+the config, the pruning settings against the model's config.json, every row of the task's data
+files and the public paragraphs the method draws, and the run folder. A run that fails them
+writes nothing.
+"""
 
 from __future__ import annotations
 
@@ -6,30 +12,45 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 from pathlib import Path
+
+from fedsoda.data.public import wikitext_paragraphs
+from fedsoda.data.sources import MalformedDataError, data_dir, split_file
+from fedsoda.data.task import load_rows
+from fedsoda.data.tasks import get_task
+from fedsoda.federated.config import RunConfig, field_types, load_config
+from fedsoda.methods import RECIPES
+from fedsoda.methods.client_model import layout_plan
+from fedsoda.models import load_config as model_config
 
 QUICK = [  # same code path, small everything: 2 clients, 2 rounds, one realignment
     "clients=2", "clients_per_round=2", "rounds=2", "local_steps=2", "realign_every=1",
     "eval_every=1", "eval_limit=64", "prune.samples=16", "align.samples=16",
     "align.heldout=8", "align.seq_len=64", "align.realign_samples=8",
 ]
+RUN_MARKERS = ("subllm", "checkpoint", "metrics.jsonl")  # what a started run leaves behind
 
 
 def run_command(args: argparse.Namespace) -> dict:
-    from fedsoda.federated.config import RunConfig, field_types, load_config
-
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run in a folder and --overwrite removes it: "
+                         "give one of them")
     if args.resume:
         saved = Path(args.resume) / "config.toml"
         if not saved.exists():
             raise FileNotFoundError(f"{saved} not found: --resume needs a run folder")
         cfg = load_config(saved)
     else:
-        flags = {name: getattr(args, name) for name in field_types(RunConfig)}  # the CLI's flags
+        flags = {name: getattr(args, name) for name in field_types(RunConfig)}
         if args.quick and not flags["out"]:
             flags["out"] = "runs/quick"
         overrides = (QUICK if args.quick else []) + list(args.set)
         cfg = load_config(args.config, overrides, **flags)
     cfg = with_data_dir(cfg)
+    preflight(cfg, resume=bool(args.resume), overwrite=args.overwrite)
+    if args.overwrite:
+        clear_run(Path(cfg.out))
     from fedsoda.federated.simulation import simulate  # flwr and ray load only now
 
     summary = simulate(cfg, resume=bool(args.resume))
@@ -40,7 +61,80 @@ def run_command(args: argparse.Namespace) -> dict:
 def with_data_dir(cfg):
     """The data folder as an absolute path (``FEDSODA_DATA_DIR`` if the config names none):
     clients run in other processes, whose working folder may differ."""
-    data_dir = cfg.data_dir or os.environ.get("FEDSODA_DATA_DIR", "")
-    if data_dir:
-        cfg = dataclasses.replace(cfg, data_dir=str(Path(data_dir).expanduser().resolve()))
+    folder = cfg.data_dir or os.environ.get("FEDSODA_DATA_DIR", "")
+    if folder:
+        cfg = dataclasses.replace(cfg, data_dir=str(Path(folder).expanduser().resolve()))
     return cfg
+
+
+def preflight(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> None:
+    """Check what can be checked before Ray starts or weights load; creates nothing. Raises
+    ``ValueError`` or ``FileNotFoundError`` with a one-line message."""
+    check_run_folder(Path(cfg.out), resume, overwrite)
+    check_model(cfg)
+    check_data(cfg)
+
+
+def run_markers(out: Path) -> list[str]:
+    """What a started run left in ``out``; empty if none did."""
+    return [name for name in RUN_MARKERS if (out / name).exists()]
+
+
+def check_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
+    """A fresh run does not start in a folder another run has used, unless told to remove it."""
+    found = run_markers(out)
+    if resume or not found:
+        return
+    if not overwrite:
+        raise ValueError(f"{out} already holds a run ({', '.join(found)}): continue it with "
+                         f"--resume {out}, or remove it and start afresh with --overwrite")
+    if not (out / "config.toml").is_file():
+        raise ValueError(f"{out} holds {', '.join(found)} but no config.toml, so it is no run "
+                         "folder fedsoda wrote; --overwrite leaves it alone: choose another --out")
+
+
+def clear_run(out: Path) -> None:
+    """``--overwrite``, after the pre-flight checks passed: empty the folder of the run in
+    ``out`` (``check_run_folder`` made sure fedsoda wrote it). A folder no run used is kept."""
+    if not run_markers(out):
+        return
+    for child in out.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def check_model(cfg: RunConfig) -> None:
+    """The pruning settings against the model's layer count, read from its config alone."""
+    num_layers = model_config(cfg.model).num_hidden_layers
+    recipe = RECIPES.get(cfg.method)
+    if recipe is not None:
+        layout_plan(recipe, cfg.model, num_layers, cfg.prune)
+
+
+def check_data(cfg: RunConfig) -> None:
+    """With a local data folder: every row of the task's train and evaluation files, and
+    enough WikiText-2 paragraphs for what the method draws (the hub is reached only in the run)."""
+    if data_dir(cfg.data_folder) is None:  # raises if a named folder does not exist
+        return
+    task = get_task(cfg.task)
+    for split in (task.train_split, task.eval_split):
+        for number, row in enumerate(load_rows(task, split, cfg.data_folder), start=1):
+            try:
+                task.to_example(row)
+            except (KeyError, IndexError, TypeError, ValueError) as error:
+                path = split_file(task.name, split, cfg.data_folder)
+                raise MalformedDataError(f"{path}: row {number} is no {task.name} example "
+                                         f"({type(error).__name__}: {error})") from None
+    recipe = RECIPES.get(cfg.method)
+    needs = []  # (split, paragraphs drawn, the setting that draws them)
+    if recipe is not None and recipe.pruning == "sgp":
+        needs.append(("validation", cfg.prune.samples, "prune.samples"))
+    if recipe is not None and recipe.aligns:
+        needs += [("validation", cfg.align.samples, "align.samples"),
+                  ("test", cfg.align.heldout, "align.heldout")]
+    for split, count, key in needs:
+        available = len(wikitext_paragraphs(split, cfg.data_folder))
+        if count > available:
+            raise ValueError(f"{key}={count} but WikiText-2 {split} has {available} paragraphs")
