@@ -15,6 +15,9 @@
 #   --workdir DIR    Flower homes, logs, SuperNode caches and (unless `out` is given) the run
 #                    folder DIR/run (default: a new temporary folder, kept afterwards)
 #   --timeout S      give up on the run after S seconds (default 3600)
+#   --node-data PAT  each SuperNode brings its own data: SuperNode K trains on PAT with {k}
+#                    replaced by K (a JSON Lines file, or a folder, in the task's schema),
+#                    passed as node config data-path; without it, partition K of data_dir
 #
 # This is the insecure local demo (no TLS, no SuperNode authentication); docs/deployment.md
 # says how to secure a real deployment. Exit status 0 only if the run finished successfully
@@ -28,7 +31,7 @@ BIN=${FEDSODA_BIN:-$REPO/.venv/bin}
 # SuperLink and SuperNodes start flower-superexec, flwr-serverapp and flwr-clientapp by name.
 export PATH="$BIN:$PATH"
 
-nodes="" port="" workdir="" timeout_s=3600
+nodes="" port="" workdir="" timeout_s=3600 node_data=""
 overrides=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -36,7 +39,8 @@ while [ $# -gt 0 ]; do
         --port) port=$2; shift 2 ;;
         --workdir) workdir=$2; shift 2 ;;
         --timeout) timeout_s=$2; shift 2 ;;
-        -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --node-data) node_data=$2; shift 2 ;;
+        -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *=*) overrides+=("$1"); shift ;;
         *) echo "deploy_local: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -183,7 +187,7 @@ for k in $(seq 0 $((nodes - 1))); do
     FLWR_HOME="$workdir/node-$k/flwr" FEDSODA_CACHE="$workdir/node-$k/cache" \
         "$BIN/flower-supernode" --insecure --superlink "127.0.0.1:$link_port" \
         --host 127.0.0.1 --port "${ports[k + 1]}" \
-        --node-config "partition-id=$k num-partitions=$nodes" \
+        --node-config "partition-id=$k num-partitions=$nodes${node_data:+ data-path=\"$(realpath -m -- "${node_data//\{k\}/$k}")\"}" \
         >"$workdir/logs/supernode-$k.log" 2>&1 &
     started+=($!)
     echo "deploy_local: SuperNode $k (partition $k of $nodes) on 127.0.0.1:${ports[k + 1]} (pid $!)"

@@ -199,39 +199,59 @@ def test_models_without_a_frozen_prefix_train_without_the_cache():
 
 
 @pytest.fixture
-def client_in_storage(tiny_model_dir, shared_data):
-    """A client holding a tiny NF4 sub-LLM, and a ``train(round, run, emulator)`` that sends
-    it a train message as the server would."""
-    from flwr.app import Context, Message, Metadata, RecordDict
+def client_in_storage(tiny_model_dir, shared_data, tmp_path):
+    """A client holding a tiny NF4 sub-LLM's files, and a ``train(round, run, emulator)`` that
+    sends it a train message as the server would (LoRA named by full-model layer)."""
+    from flwr.app import Context, Message, RecordDict
 
     from fedsoda.federated import client_app
-    from fedsoda.federated.messages import to_record
+    from fedsoda.federated.messages import DataSpec, TrainConfig, blobs_record, to_record
+    from fedsoda.methods.assignment import Assignment
+    from fedsoda.methods.offsite import folder_files
     from fedsoda.models import load
     from fedsoda.surgery.build import save_sub_llm
+    from fedsoda.surgery.lora import to_full
 
     full, tokenizer = load(str(tiny_model_dir))
-    folder = client_app.node_storage(0) / "cafe"
-    sub = make_sub_llm(full, uniform_plan("tiny", 10, adapter_layers=3, n=2, p=2), folder, tokenizer,
-                       quantization="nf4", emulator_lora="starts")
-    save_sub_llm(sub, folder)
+    plan = uniform_plan("tiny", 10, adapter_layers=3, n=2, p=2)
+    sub = make_sub_llm(full, plan, tmp_path / "sub", tokenizer, quantization="nf4",
+                       emulator_lora="starts")
+    save_sub_llm(sub, tmp_path / "sub")
+    files = folder_files(tmp_path / "sub" / "model")
     context = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(),
                       run_config={})
+    client_app.deliver(Message(RecordDict({"files": blobs_record(
+        {digest: path for digest, path in files.values()})}), metadata=metadata(0, "query.deliver")),
+        context)
+    kept = tuple(plan.kept_layers)
+    assignment = Assignment(layers=kept, trainable=tuple(plan.full_adapter_layers),
+                            files=tuple((n, d) for n, (d, _) in files.items()), quantization="nf4",
+                            frozen_lora=tuple(kept[i] for i in sub.emulator_layers),
+                            local_steps=6, batch_size=8, lr=1e-3, mu=0.0)
     # 2,000 partitions of SST-2: ~34 examples drawn 48 times per round, so examples repeat.
-    base = dict(model_hash="cafe", task="sst2", data_dir=str(shared_data), clients=2000,
-                partition="iid", seed=0, max_tokens=48, local_steps=6, batch_size=8, lr=1e-3, mu=0.0)
+    data = DataSpec(task="sst2", data_dir=str(shared_data), clients=2000, partition="iid",
+                    seed=0, max_tokens=48)
 
-    def train(round_number: int, run: str = "run-a", emulator=None) -> dict:
-        content = {"adapter": to_record(sub.adapter_lora()),
-                   "config": client_app.train_config(round=round_number, run=run, **base)}
+    def train(round_number: int, run: str = "000000000000000a", emulator=None) -> dict:
+        config = TrainConfig(run=run, round=round_number, assignment=assignment, data=data,
+                             lora=sub.spec)
+        content = {"adapter": to_record(to_full(sub.adapter_lora(), kept)),
+                   "config": config.to_record()}
         if emulator is not None:
-            content["emulator"] = to_record(emulator)
-        metadata = Metadata(run_id=1, message_id=f"m{round_number}", src_node_id=0, dst_node_id=1,
-                            reply_to_message_id="", group_id="", created_at=0.0, ttl=3600.0,
-                            message_type="train")
-        reply = client_app.train(Message(RecordDict(content), metadata=metadata), context)
+            content["emulator"] = to_record(to_full(emulator, kept))
+        reply = client_app.train(Message(RecordDict(content),
+                                         metadata=metadata(round_number, "train")), context)
         return dict(reply.content["metrics"])
 
-    return sub, folder, train
+    return sub, client_app.node_storage(0), train
+
+
+def metadata(number: int, kind: str):
+    from flwr.app import Metadata
+
+    return Metadata(run_id=1, message_id=f"m{number}", src_node_id=0, dst_node_id=1,
+                    reply_to_message_id="", group_id="", created_at=0.0, ttl=3600.0,
+                    message_type=kind)
 
 
 def test_the_client_app_trains_from_the_cache_and_empties_it_on_a_new_emulator(
@@ -256,15 +276,23 @@ def test_two_runs_sharing_a_sub_llm_keep_their_own_emulator_lora(client_in_stora
     from fedsoda.federated import client_app
     from fedsoda.surgery.lora import read_lora
 
-    sub, folder, train = client_in_storage
+    sub, storage, train = client_in_storage
+    a, b, c = "000000000000000a", "000000000000000b", "000000000000000c"
     mine = {k: v + 0.01 for k, v in sub.emulator_lora().items()}
     theirs = {k: v - 0.02 for k, v in sub.emulator_lora().items()}
-    train(1, run="run-a", emulator=mine)
-    train(1, run="run-b", emulator=theirs)  # another run on the same machine realigned
-    train(2, run="run-a")  # no emulator: run A's own copy must be used
-    used = client_app._sub_llm(str(folder)).emulator_lora()
-    assert all(torch.equal(used[k], mine[k]) for k in mine)
-    stored = read_lora(client_app.emulator_path(folder, "run-b"))
-    assert all(torch.equal(stored[k], theirs[k]) for k in theirs)
-    with pytest.raises(FileNotFoundError, match="emulator LoRA of run run-c"):
-        train(1, run="run-c")  # a run that never sent its emulator to this client
+    train(1, run=a, emulator=mine)
+    train(1, run=b, emulator=theirs)  # another run on the same machine realigned
+    # No emulator in the message: run A's own copy must be used, so its loss equals that of a
+    # fresh run sent run A's emulator, and differs from run B's.
+    loss_a, loss_b = train(2, run=a)["train_loss"], train(2, run=b)["train_loss"]
+    assert loss_a == train(2, run=c, emulator=mine)["train_loss"] != loss_b
+    stored = read_lora(client_app.emulator_path(storage, b))
+    assert sorted(stored) == sorted(to_full_names(theirs, sub))
+    with pytest.raises(FileNotFoundError, match="emulator LoRA of run 000000000000000d"):
+        train(1, run="000000000000000d")  # a run that never sent its emulator to this client
+
+
+def to_full_names(state, sub):
+    from fedsoda.surgery.lora import to_full
+
+    return to_full(state, sub.plan.kept_layers)

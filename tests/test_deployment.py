@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import subprocess
 import tomllib
 from pathlib import Path
@@ -50,13 +51,32 @@ def test_flower_run_config_lists_every_run_config_key_with_its_default():
     assert {f.name for f in dataclasses.fields(RunConfig)} >= {key.split(".")[0] for key in flat}
 
 
+def own_data(shared_data: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """Each SuperNode's own SST-2 file (40 and 24 rows), and the server's data folder: the
+    validation split and public WikiText-2 only, no training data at all, so a server that
+    read clients' data would fail."""
+    rows = (shared_data / "sst2" / "train.jsonl").read_text().splitlines()
+    nodes = tmp_path / "nodes"
+    nodes.mkdir()
+    for k, (start, count) in enumerate(((0, 40), (1000, 24))):
+        (nodes / f"client-{k}.jsonl").write_text("\n".join(rows[start:start + count]) + "\n")
+    server = tmp_path / "server-data"
+    for name in ("sst2/validation.jsonl", "wikitext2/validation.jsonl"):
+        (server / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shared_data / name, server / name)
+    return nodes, server
+
+
 @pytest.mark.slow
-def test_two_supernodes_write_the_run_folder(tiny_model_dir, shared_data, tmp_path):
+def test_two_supernodes_with_their_own_data_write_the_run_folder(tiny_model_dir, shared_data,
+                                                                 tmp_path):
     work = tmp_path / "deploy"
+    nodes, server_data = own_data(shared_data, tmp_path)
     done = subprocess.run(
         ["bash", str(SCRIPT), "--workdir", str(work), "--timeout", "900",
-         f"model={tiny_model_dir}", f"data_dir={shared_data}", *TINY],
-        capture_output=True, text=True, timeout=1200)
+         "--node-data", str(nodes / "client-{k}.jsonl"),
+         f"model={tiny_model_dir}", f"data_dir={server_data}", *TINY],
+        capture_output=True, text=True, timeout=1200, env={**os.environ, "FEDSODA_DATA_DIR": ""})
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]
     assert "finished:completed" in output
@@ -77,11 +97,15 @@ def test_two_supernodes_write_the_run_folder(tiny_model_dir, shared_data, tmp_pa
     plan = json.loads((out / "plan.json").read_text())
     assert plan["n"] == 2 and plan["p"] == 2 and plan["adapter_layers"] == 2
 
-    # Each SuperNode kept the sub-LLM it received in its own storage (its FEDSODA_CACHE).
+    # Each client declared the examples of its own file; the server read none of them (it has
+    # no training data), yet every reply passed the example-count bound.
+    declared = json.loads((out / "clients.json").read_text())
+    assert {k: v["examples"] for k, v in declared.items()} == {"0": 40, "1": 24}
+    # Each SuperNode kept the files it received in its own storage (its FEDSODA_CACHE).
     for k in (0, 1):
-        held = list((work / f"node-{k}" / "cache" / "clients" / f"client-{k}").glob(
-            "*/model/config.json"))
-        assert len(held) == 1, k
+        storage = work / f"node-{k}" / "cache" / "clients" / f"client-{k}"
+        assert len(list(storage.glob("models/*/config.json"))) == 1, k
+        assert len(list(storage.glob("blobs/*"))) == len(list((out / "subllm" / "model").iterdir()))
 
     # Every process the script started is gone.
     pids = [int(p) for p in re.findall(r"\(pid (\d+)\)", output)]

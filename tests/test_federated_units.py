@@ -17,17 +17,9 @@ from fedsoda.federated.messages import (
     write_files,
 )
 from fedsoda.federated.screening import screen_update
-from fedsoda.training import fedavg, proximal_term
+from fedsoda.training import proximal_term
 
 EXPECTED = {"a": torch.zeros(2, 3), "b": torch.zeros(4)}
-
-
-def test_fedavg_by_hand():
-    states = [{"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([4.0, 8.0])}]
-    # weights 1 and 3: (1*1 + 3*4)/4 = 3.25, (1*2 + 3*8)/4 = 6.5
-    assert fedavg(states, [1, 3])["w"].tolist() == [3.25, 6.5]
-    with pytest.raises(ValueError):
-        fedavg(states, [0, 0])
 
 
 def test_proximal_term_by_hand():

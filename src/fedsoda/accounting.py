@@ -65,10 +65,14 @@ def run_probe(module: str, arguments: list[str], what: str, env: dict | None = N
 
 
 def client_peak_memory(folder: Path | str, task: str, batch_size: int, max_tokens: int,
-                       data_dir: str | None, steps: int = 2) -> int:
-    """Peak memory of a client training step on the sub-LLM in ``folder`` (fresh process)."""
+                       data_dir: str | None, steps: int = 2, layers=None) -> int:
+    """Peak memory of a client training step (fresh process) on the sub-LLM folder ``folder``,
+    or, with ``layers``, on the client model of those full-model layers of the layered model
+    in ``folder`` (``fedsoda.surgery.layered``) with LoRA trained on all of them."""
     arguments = ["--folder", str(folder), "--task", task, "--batch-size", str(batch_size),
                  "--max-tokens", str(max_tokens), "--steps", str(steps)]
+    if layers is not None:
+        arguments += ["--layers", ",".join(str(i) for i in layers)]
     if data_dir:
         arguments += ["--data-dir", str(data_dir)]
     return int(run_probe("fedsoda.accounting", arguments, "memory probe")["peak_bytes"])
@@ -81,19 +85,27 @@ def _probe(args: argparse.Namespace) -> dict:
     from fedsoda.data.task import EncodedExamples, load_rows, pad_id
     from fedsoda.data.tasks import get_task
     from fedsoda.surgery.build import open_sub_llm
+    from fedsoda.surgery.layered import load_layered
+    from fedsoda.surgery.lora import attach_lora
     from fedsoda.training import configure_threads, local_train
 
     configure_threads()  # idle cores only: oversubscribed threads make the probe crawl
     task = get_task(args.task)
-    tokenizer = AutoTokenizer.from_pretrained(Path(args.folder) / "model")
+    layers = [int(i) for i in args.layers.split(",")] if args.layers else None
+    tokenizer = AutoTokenizer.from_pretrained(Path(args.folder) / ("model" if layers is None else ""))
     rows = load_rows(task, task.train_split, args.data_dir)[: args.batch_size * 4]
     examples = EncodedExamples(task, rows, tokenizer, args.max_tokens)
     # The window opens after the data set is read: parsing every training row is not part of
     # a training step, and its transient peak would otherwise count.
     baseline = start_peak_window()
-    sub = open_sub_llm(args.folder)
-    local_train(sub.model, sub.adapter_layers, examples, args.steps, args.batch_size, 1e-4, 0.01,
-                0, pad_id(tokenizer))
+    if layers is None:
+        sub = open_sub_llm(args.folder)
+        model, trainable = sub.model, sub.adapter_layers
+    else:
+        trainable = list(range(len(layers)))
+        model = attach_lora(load_layered(args.folder, layers), trainable)
+    local_train(model, trainable, examples, args.steps, args.batch_size, 1e-4, 0.01, 0,
+                pad_id(tokenizer))
     cuda = torch.cuda.is_available()
     return {"peak_bytes": peak_bytes(cuda, baseline), "device": "cuda" if cuda else "cpu",
             "baseline_bytes": baseline}
@@ -107,6 +119,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--layers", default=None, help="full-model layers of a layered model")
     print(json.dumps(_probe(parser.parse_args())))
 
 

@@ -1,4 +1,5 @@
-"""Local training of a client and FedAvg: plain functions, no federated runtime.
+"""Local training of a client: plain functions, no federated runtime (FedAvg is in
+``fedsoda.aggregation``).
 
 A client trains only its adapter LoRA on its private examples with the task loss (on answer
 tokens) plus the FedProx term ``mu/2 * ||w - w_global||^2``, with AdamW (0.9, 0.95).
@@ -153,12 +154,3 @@ def local_train(model: nn.Module, layers: list[int], examples: Sequence[dict[str
     return {"loss": sum(losses) / len(losses), "state": trainer.finish(),
             "seconds": time.perf_counter() - began}
 
-
-def fedavg(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
-    """Average of tensor dicts weighted by ``weights`` (client example counts)."""
-    if not states or len(states) != len(weights) or sum(weights) <= 0:
-        raise ValueError("FedAvg needs at least one state and positive total weight")
-    total = float(sum(weights))
-    return {key: sum((s[key].double() * (w / total) for s, w in zip(states, weights, strict=True)),
-                     start=torch.zeros_like(states[0][key], dtype=torch.float64)).float()
-            for key in states[0]}

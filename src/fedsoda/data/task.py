@@ -12,7 +12,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedsoda.data.sources import HUB_IDS, data_dir, read_jsonl, split_file
+from fedsoda.data.sources import (
+    HUB_IDS,
+    DataNotFoundError,
+    MalformedDataError,
+    data_dir,
+    read_jsonl,
+    split_file,
+)
 
 IGNORE_INDEX = -100  # label value that the causal-LM loss skips
 
@@ -63,6 +70,23 @@ def load_rows(task: Task, split: str, explicit_dir: str | Path | None = None) ->
     for old, new in task.hub_rename:
         for row in rows:
             row[new] = row.pop(old)
+    return rows
+
+
+def read_client_rows(task: Task, path: str | Path) -> list[dict]:
+    """A client's own training rows (a SuperNode's ``data-path``): a JSON Lines file in the
+    task's schema, or a folder holding ``<task>/<train split>.jsonl`` or ``<train split>.jsonl``.
+    """
+    path = Path(path).expanduser()
+    candidates = [path] if path.is_file() else [path / task.name / f"{task.train_split}.jsonl",
+                                                path / f"{task.train_split}.jsonl"]
+    found = next((p for p in candidates if p.is_file()), None)
+    if found is None:
+        raise DataNotFoundError(f"this client's data-path {path} holds no {task.name} training "
+                                f"data (looked for {', '.join(map(str, candidates))})")
+    rows = read_jsonl(found, task.fields)
+    if not rows:
+        raise MalformedDataError(f"{found}: no rows; a client needs at least one example")
     return rows
 
 

@@ -22,6 +22,7 @@ class ServerState:
     emulator_version: int = 0  # bumped at every realignment
     holders: dict[str, int] = field(default_factory=dict)  # node id -> emulator version held
     metrics: list[dict] = field(default_factory=list)  # one entry per finished round
+    method: dict = field(default_factory=dict)  # what the method keeps between rounds (JSON)
 
 
 def save_checkpoint(state: ServerState, folder: Path | str) -> None:
@@ -34,7 +35,7 @@ def save_checkpoint(state: ServerState, folder: Path | str) -> None:
     save_file({k: v.contiguous() for k, v in state.adapter.items()}, str(tmp / "adapter.safetensors"))
     save_file({k: v.contiguous() for k, v in state.emulator.items()}, str(tmp / "emulator.safetensors"))
     meta = {"round": state.round, "emulator_version": state.emulator_version,
-            "holders": state.holders, "metrics": state.metrics}
+            "holders": state.holders, "metrics": state.metrics, "method": state.method}
     (tmp / "state.json").write_text(json.dumps(meta, indent=1))
     old = folder.with_name(folder.name + ".old")
     if folder.exists():
@@ -56,4 +57,4 @@ def load_checkpoint(folder: Path | str) -> ServerState:
     return ServerState(round=meta["round"], adapter=load_file(str(folder / "adapter.safetensors")),
                        emulator=load_file(str(folder / "emulator.safetensors")),
                        emulator_version=meta["emulator_version"], holders=meta["holders"],
-                       metrics=meta["metrics"])
+                       metrics=meta["metrics"], method=meta.get("method", {}))

@@ -1,11 +1,18 @@
-"""The FedSODA ClientApp: holds the NF4 sub-LLM, trains the adapter LoRA on private data.
+"""The ClientApp: holds the model files it was sent, trains the LoRA of its assignment on its
+own data.
 
 Message types it answers:
-- ``query.hello``: which partition this node serves, and whether it already holds the
-  sub-LLM with the given content hash (so the download happens once);
-- ``query.deliver``: the sub-LLM files, written to the node's own storage;
-- ``train``: the global adapter LoRA (and the emulator LoRA after a realignment); replies
-  with the trained adapter LoRA and the number of local examples.
+- ``query.hello``: which client (partition id) this node is, how many examples it holds,
+  and which of the run's files (by content hash) it already keeps;
+- ``query.deliver``: files it lacks, each checked against its hash, kept in its storage;
+- ``train``: a ``TrainConfig`` (its assignment: layers held, layers trained, settings), the
+  global LoRA of its trained layers (and the emulator LoRA when its copy is stale); replies
+  with the trained LoRA, named by full-model layer, and the number of local examples.
+
+Data: a SuperNode started with ``--node-config "data-path=FILE_OR_FOLDER"`` trains on that
+(JSON Lines in the task's schema); otherwise, in simulation, on its partition of the shared
+data set. Storage: everything lives under ``node_storage``; every path part the server sends
+is checked (``fedsoda.federated.messages``), so nothing is written elsewhere.
 
 Between realignments the sub-emulator is frozen, so each client keeps the emulator's output
 for the examples it has drawn (``fedsoda.activation_cache``) and trains the adapter from it;
@@ -17,156 +24,227 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import zlib
 from functools import lru_cache
 from pathlib import Path
 
+import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedsoda.activation_cache import ActivationCache, MiB
 from fedsoda.data.partition import task_partitions
-from fedsoda.data.task import EncodedExamples, pad_id
+from fedsoda.data.task import EncodedExamples, pad_id, read_client_rows
 from fedsoda.data.tasks import get_task
-from fedsoda.federated.messages import from_record, to_record, write_files
+from fedsoda.federated.messages import (
+    KEY,
+    SHA256,
+    DataSpec,
+    MessageError,
+    TrainConfig,
+    checked,
+    from_record,
+    read_blobs,
+    to_record,
+)
 from fedsoda.models import cache_dir
-from fedsoda.surgery.build import SubLLM, open_sub_llm
-from fedsoda.surgery.lora import load_lora_state, read_lora, save_lora
+from fedsoda.surgery.layered import load_layered
+from fedsoda.surgery.lora import (
+    LoraSpec,
+    attach_lora,
+    load_lora_state,
+    read_lora,
+    save_lora,
+    to_full,
+    to_local,
+)
+from fedsoda.surgery.quantize import load_client_weights
 from fedsoda.training import configure_threads, local_train
 
 app = ClientApp()
+CACHE_MIB = 256  # activation cache kept in memory; the rest spills to the client's storage
 
 
 def partition_id(context: Context) -> int:
-    if "partition-id" not in context.node_config:
-        raise ValueError("this SuperNode has no partition-id in its node config; start it with "
-                         "--node-config 'partition-id=K num-partitions=N'")
-    return int(context.node_config["partition-id"])
+    value = context.node_config.get("partition-id")
+    if value is None or not str(value).isdigit():
+        raise ValueError(f"this SuperNode's partition-id is {value!r}; start it with "
+                         "--node-config 'partition-id=K num-partitions=N [data-path=FILE]'")
+    return int(value)
 
 
 def node_storage(partition: int) -> Path:
     """What this client keeps on its device (one folder per simulated client)."""
-    return cache_dir() / "clients" / f"client-{partition}"
+    return cache_dir() / "clients" / f"client-{int(partition)}"
 
 
-def emulator_path(folder: Path, run_key: str) -> Path:
-    """This run's emulator LoRA on the client.
+def blob_path(storage: Path, digest: str) -> Path:
+    return storage / "blobs" / checked(digest, SHA256, "file hash")
 
-    Kept per run: two runs on one machine can share a sub-LLM (same weights and layout, so
-    the same content hash and folder) while realigning differently, and one must not
-    overwrite the other's emulator LoRA.
+
+def emulator_path(storage: Path, run: str) -> Path:
+    """This run's emulator LoRA on the client (full-model names).
+
+    Kept per run: two runs on one machine can share a client model while realigning
+    differently, and one must not overwrite the other's emulator LoRA.
     """
-    return folder / "runs" / run_key / "emulator_lora.safetensors"
+    return storage / "runs" / checked(run, KEY, "run key") / "emulator_lora.safetensors"
 
 
-def _holds(partition: int, model_hash: str) -> bool:
-    return (node_storage(partition) / model_hash / "model" / "config.json").exists()
-
-
-@lru_cache(maxsize=2)
-def _sub_llm(folder: str) -> SubLLM:
-    # One instance per process and model: LoRA tensors are loaded into it on every call.
-    configure_threads()
-    return open_sub_llm(folder)
-
-
-@lru_cache(maxsize=16)
-def _activation_cache(folder: str, examples_key: tuple, max_mib: int) -> ActivationCache:
-    # One cache per run and client data (a simulation actor may serve several clients);
-    # what exceeds the memory budget goes to the client's own storage, in the run's folder.
-    spill = Path(folder) / "activations" / f"{zlib.crc32(repr(examples_key).encode()):08x}"
-    return ActivationCache(max_bytes=max_mib * MiB, spill_dir=spill, max_disk_bytes=4096 * MiB)
-
-
-def cache_enabled(config) -> bool:
-    """The activation cache is on unless the run config or the environment turns it off."""
-    if os.environ.get("FEDSODA_ACTIVATION_CACHE", "1").strip().lower() in ("0", "false", "no"):
-        return False
-    value = config.get("activation_cache", True)
-    return str(value).lower() not in ("0", "false", "no", "")
+def data_path(context: Context) -> str:
+    return str(context.node_config.get("data-path", "") or "")
 
 
 @lru_cache(maxsize=4)
-def _examples(task_name: str, data_dir: str | None, clients: int, scheme: str, seed: int,
-              partition_index: int, max_tokens: int, tokenizer_folder: str) -> EncodedExamples:
+def client_rows(data: DataSpec, pid: int, own: str) -> list[dict]:
+    """This client's training rows: its own file (node config ``data-path``) or, without
+    one, its partition ``pid`` of the shared data set."""
+    if own:
+        return read_client_rows(get_task(data.task), own)
+    rows, parts = task_partitions(data.task, data.clients, data.partition, data.seed,
+                                  data.data_dir or None)
+    return [rows[i] for i in parts[pid]]
+
+
+@lru_cache(maxsize=4)
+def _examples(data: DataSpec, pid: int, own: str, tokenizer_folder: str) -> EncodedExamples:
     from transformers import AutoTokenizer
 
-    rows, parts = task_partitions(task_name, clients, scheme, seed, data_dir)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
-    mine = [rows[i] for i in parts[partition_index]]
-    return EncodedExamples(get_task(task_name), mine, tokenizer, max_tokens)
+    return EncodedExamples(get_task(data.task), client_rows(data, pid, own), tokenizer,
+                           data.max_tokens)
 
 
 @app.query("hello")
 def hello(message: Message, context: Context) -> Message:
-    model_hash = str(message.content["config"]["model_hash"])
-    pid = partition_id(context)
-    reply = MetricRecord({"partition_id": pid, "holds_model": int(_holds(pid, model_hash))})
-    return Message(RecordDict({"metrics": reply}), reply_to=message)
+    config = message.content["config"]
+    storage, data = node_storage(partition_id(context)), DataSpec.from_record(config)
+    hashes = config["hashes"] if "hashes" in config else []
+    held = [h for h in hashes if blob_path(storage, h).is_file()]
+    reply = MetricRecord({"partition_id": partition_id(context),
+                          "num_examples": len(client_rows(data, partition_id(context),
+                                                          data_path(context)))})
+    return Message(RecordDict({"metrics": reply, "config": ConfigRecord({"held": held})}),
+                   reply_to=message)
 
 
 @app.query("deliver")
 def deliver(message: Message, context: Context) -> Message:
-    config = message.content["config"]
-    folder = node_storage(partition_id(context)) / str(config["model_hash"])
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in ("lora.json", "plan.json"):
-        (folder / name).write_text(str(config[name]))
-    write_files(message.content["model"], folder / "model")
-    emulator = from_record(message.content["emulator"])
-    save_lora(emulator, folder / "emulator_lora.safetensors")
-    save_lora(emulator, emulator_path(folder, str(config["run"])))
+    """Keep the files sent (each verified against its content hash), written atomically."""
+    storage = node_storage(partition_id(context))
+    for digest, data in read_blobs(message.content["files"]).items():
+        path = blob_path(storage, digest)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(digest + ".partial")
+        tmp.write_bytes(data)
+        tmp.replace(path)
     return Message(RecordDict({"metrics": MetricRecord({"ok": 1})}), reply_to=message)
+
+
+def model_folder(storage: Path, config: TrainConfig) -> Path:
+    """The assignment's files under their names, in a folder named by the model hash (hard
+    links to the stored blobs; built once, atomically)."""
+    folder = storage / "models" / config.model_hash
+    if (folder / ".complete").exists():
+        return folder
+    partial = folder.with_name(config.model_hash + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    for name, digest in config.assignment.files:
+        blob = blob_path(storage, digest)
+        if not blob.is_file():
+            raise FileNotFoundError(f"client {storage.name} lacks file {name} ({digest[:12]}); the "
+                                    "server sends missing files before the train message")
+        try:
+            os.link(blob, partial / name)
+        except OSError:  # a file system without hard links
+            shutil.copyfile(blob, partial / name)
+    (partial / ".complete").write_text("")
+    shutil.rmtree(folder, ignore_errors=True)
+    partial.rename(folder)
+    return folder
+
+
+@lru_cache(maxsize=2)
+def _client_model(folder: str, kind: str, quantization: str, layers: tuple, lora_positions: tuple,
+                  spec: LoraSpec) -> torch.nn.Module:
+    # One instance per process and model: LoRA tensors are loaded into it on every call.
+    configure_threads()
+    if kind == "folder":
+        base = load_client_weights(folder, quantization)
+    else:
+        base = load_layered(folder, layers)
+    torch.manual_seed(0)  # every LoRA tensor is overwritten before training; reproducible anyway
+    return attach_lora(base, list(lora_positions), spec)
+
+
+@lru_cache(maxsize=16)
+def _activation_cache(folder: str, key: tuple) -> ActivationCache:
+    # One cache per run, model and client data (a simulation actor may serve several clients);
+    # what exceeds the memory budget goes to the client's own storage, in the run's folder.
+    spill = Path(folder) / "activations" / f"{zlib.crc32(repr(key).encode()):08x}"
+    return ActivationCache(max_bytes=CACHE_MIB * MiB, spill_dir=spill, max_disk_bytes=4096 * MiB)
+
+
+def cache_enabled(config: TrainConfig) -> bool:
+    """The activation cache is on unless the run config or the environment turns it off."""
+    if os.environ.get("FEDSODA_ACTIVATION_CACHE", "1").strip().lower() in ("0", "false", "no"):
+        return False
+    return config.activation_cache
+
+
+def prepared_model(storage: Path, config: TrainConfig, content: RecordDict) -> torch.nn.Module:
+    """The client model of the assignment holding the run's emulator LoRA and the global LoRA."""
+    a = config.assignment
+    if set(a.blocks) - {"attn+mlp"}:
+        raise MessageError(f"this client cannot drop blocks within a layer (blocks {a.blocks})")
+    emulator = emulator_path(storage, config.run)
+    if "emulator" in content:  # the run's first round here, or a realignment
+        save_lora(from_record(content["emulator"]), emulator)
+    if a.frozen_lora and not emulator.exists():
+        raise FileNotFoundError(f"client {storage.name} holds no emulator LoRA of run "
+                                f"{config.run} ({emulator}); the server sends it with a run's "
+                                "first train message to each client. Was this client's storage "
+                                "cleared during the run? Start the run afresh (a new --out).")
+    folder = model_folder(storage, config)
+    model = _client_model(str(folder), a.kind, a.quantization, a.layers,
+                          tuple(a.position(i) for i in a.lora_layers), config.lora)
+    if a.frozen_lora:
+        load_lora_state(model, to_local(read_lora(emulator), a.layers))
+    load_lora_state(model, to_local(from_record(content["adapter"]), a.layers))
+    return model
 
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
-    config = message.content["config"]
-    pid = partition_id(context)
-    folder = node_storage(pid) / str(config["model_hash"])
-    if not _holds(pid, str(config["model_hash"])):
-        raise FileNotFoundError(f"client {pid} does not hold sub-LLM {config['model_hash']}")
-    emulator = emulator_path(folder, str(config["run"]))
-    if "emulator" in message.content:  # the run's first round here, or a realignment
-        save_lora(from_record(message.content["emulator"]), emulator)
-    if not emulator.exists():
-        raise FileNotFoundError(f"client {pid} holds no emulator LoRA of run {config['run']} "
-                                f"({emulator}); the server sends it with a run's first train "
-                                "message to each client. Was this client's storage cleared "
-                                "during the run? Start the run afresh (a new --out).")
-    sub = _sub_llm(str(folder))
-    load_lora_state(sub.model, read_lora(emulator))
-    load_lora_state(sub.model, from_record(message.content["adapter"]))
-    key = (str(config["task"]), str(config["data_dir"]) or None, int(config["clients"]),
-           str(config["partition"]), int(config["seed"]), pid, int(config["max_tokens"]),
-           str(folder / "model"))
-    examples = _examples(*key)
+    config = TrainConfig.from_record(message.content["config"])
+    a, pid = config.assignment, partition_id(context)
+    storage = node_storage(pid)
+    model = prepared_model(storage, config, message.content)
+    folder = model_folder(storage, config)
+    examples = _examples(config.data, pid, data_path(context), str(folder))
     cache = None
     if cache_enabled(config):
-        cache = _activation_cache(str(emulator.parent), key,
-                                  int(config.get("activation_cache_mib", 256)))
+        cache = _activation_cache(str(emulator_path(storage, config.run).parent),
+                                  (config.data, pid, config.model_hash))
         if "emulator" in message.content:
             cache.invalidate()  # the fingerprint check would catch it too; say it plainly
     hits, misses = (cache.hits, cache.misses) if cache is not None else (0, 0)
-    seed = zlib.crc32(json.dumps([int(config["seed"]), int(config["round"]), pid]).encode())
-    result = local_train(sub.model, sub.adapter_layers, examples, int(config["local_steps"]),
-                         int(config["batch_size"]), float(config["lr"]), float(config["mu"]),
-                         seed, sub_pad_id(folder), cache=cache)
+    seed = zlib.crc32(json.dumps([config.data.seed, config.round, pid]).encode())
+    result = local_train(model, [a.position(i) for i in a.trainable], examples, a.local_steps,
+                         a.batch_size, a.lr, a.mu, seed, tokenizer_pad_id(str(folder)), cache=cache)
     metrics = MetricRecord({"num_examples": len(examples), "train_loss": result["loss"],
                             "seconds": result["seconds"], "partition_id": pid,
                             "cache_hits": cache.hits - hits if cache is not None else 0,
                             "cache_misses": cache.misses - misses if cache is not None else 0})
-    return Message(RecordDict({"adapter": to_record(result["state"]), "metrics": metrics}),
+    update = to_full(result["state"], a.layers)
+    return Message(RecordDict({"adapter": to_record(update), "metrics": metrics}),
                    reply_to=message)
 
 
 @lru_cache(maxsize=4)
-def sub_pad_id(folder: Path) -> int:
+def tokenizer_pad_id(folder: str) -> int:
     from transformers import AutoTokenizer
 
-    return pad_id(AutoTokenizer.from_pretrained(folder / "model"))
-
-
-def train_config(**values) -> ConfigRecord:
-    """The ``config`` record of a train message (everything a client needs, no more)."""
-    return ConfigRecord({k: ("" if v is None else v) for k, v in values.items()})
+    return pad_id(AutoTokenizer.from_pretrained(folder))

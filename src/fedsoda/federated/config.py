@@ -52,6 +52,11 @@ class RunConfig:
     eval_limit: int = 0  # first N validation examples (0: all)
     data_dir: str = ""  # local data folder ("" -> FEDSODA_DATA_DIR, else the hub)
     out: str = "runs/default"
+    # FedRA: layers each client can hold, "LAYERSxCOUNT,..." in client order ("": all layers).
+    client_layers: str = ""
+    # The most examples a client's declared count is believed to be (0: no cap); a reply
+    # claiming more than its client declared at the handshake is rejected.
+    max_examples: int = 0
     prune: PruneSettings = field(default_factory=PruneSettings)
     align: AlignSettings = field(default_factory=AlignSettings)
 
@@ -71,8 +76,14 @@ class RunConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.mu < 0:
             raise ValueError(f"lr must be > 0 and mu >= 0, got lr={self.lr} mu={self.mu}")
-        if min(self.realign_every, self.eval_every, self.eval_limit) < 0:
-            raise ValueError("realign_every, eval_every and eval_limit must be >= 0")
+        if min(self.realign_every, self.eval_every, self.eval_limit, self.max_examples) < 0:
+            raise ValueError("realign_every, eval_every, eval_limit and max_examples must be >= 0")
+        if self.client_layers and self.method != "fedra":
+            raise ValueError(f"client_layers is FedRA's setting; method {self.method} gives every "
+                             "client the same model")
+        from fedsoda.methods.assignment import capacities
+
+        capacities(self.client_layers, self.clients, num_layers=10**6)  # format and count
         PartitionScheme.parse(self.partition)
 
     @property

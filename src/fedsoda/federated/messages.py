@@ -1,15 +1,149 @@
-"""What goes on the wire: LoRA tensor dicts and model files as Flower ``ArrayRecord``s,
-and the bytes and parameters they really take.
+"""What goes on the wire: the typed train message (``TrainConfig``) and the handshake's data
+settings (``DataSpec``), LoRA tensor dicts and content-addressed files as Flower records, and
+the bytes and parameters they really take.
+
+Both the ServerApp and the ClientApp build and read messages only through this module. Every
+field read from a record is checked for its type, and every path part a client receives
+(run key, model hash, file names and hashes) for its form, so a malformed or crafted message
+is a one-line ``MessageError``, never a traceback deep in the client or a write outside the
+client's storage.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import re
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord
+
+from fedsoda.methods.assignment import Assignment
+from fedsoda.surgery.lora import LoraSpec
+
+KEY = re.compile(r"[0-9a-f]{16}")  # run keys and model hashes
+SHA256 = re.compile(r"[0-9a-f]{64}")  # file content hashes
+FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a plain file name, no folders
+
+
+class MessageError(ValueError):
+    """A message that does not have the expected form (what is wrong, in one line)."""
+
+
+def file_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def checked(value, pattern: re.Pattern, what: str) -> str:
+    """``value`` if it is a string of the form ``pattern``; else a MessageError."""
+    if not isinstance(value, str) or not pattern.fullmatch(value) or value in (".", ".."):
+        raise MessageError(f"{what} {value!r} is not a valid name (expected {pattern.pattern})")
+    return value
+
+
+def _field(record, key: str, kind, what: str):
+    if key not in record:
+        raise MessageError(f"{what} has no {key!r}")
+    value = record[key]
+    ok = (isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))) \
+        or (kind is float and isinstance(value, int) and not isinstance(value, bool))
+    if kind is list:
+        ok = isinstance(value, list)
+    if not ok:
+        raise MessageError(f"{what}: {key!r} must be {kind.__name__}, got {value!r}")
+    return float(value) if kind is float else value
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Which data a client trains on: its partition of a shared set (simulation), unless the
+    SuperNode brings its own data (node config ``data-path``)."""
+
+    task: str
+    data_dir: str
+    clients: int
+    partition: str
+    seed: int
+    max_tokens: int
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord({f"data.{k}": v for k, v in dataclasses.asdict(self).items()})
+
+    @classmethod
+    def from_record(cls, record) -> DataSpec:
+        kinds = {"task": str, "data_dir": str, "clients": int, "partition": str, "seed": int,
+                 "max_tokens": int}
+        return cls(**{k: _field(record, f"data.{k}", t, "data settings") for k, t in kinds.items()})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The ``config`` record of a train message: the client's assignment and the run's settings."""
+
+    run: str  # names this run's files on the client
+    round: int
+    assignment: Assignment
+    data: DataSpec
+    lora: LoraSpec
+    activation_cache: bool = True
+
+    @property
+    def model_hash(self) -> str:
+        """Names the client model built from the assignment's files (computed on each side
+        from what the model is made of, so it is never a path part the server chose)."""
+        a = self.assignment
+        return hashlib.sha256(json.dumps([a.kind, a.quantization, sorted(a.files)]).encode()
+                              ).hexdigest()[:16]
+
+    def to_record(self) -> ConfigRecord:
+        a = self.assignment
+        values = {"run": self.run, "round": self.round,
+                  "activation_cache": self.activation_cache,
+                  "lora.r": self.lora.r, "lora.alpha": self.lora.alpha,
+                  "lora.dropout": float(self.lora.dropout), "lora.targets": list(self.lora.targets),
+                  "layers": list(a.layers), "trainable": list(a.trainable),
+                  "frozen_lora": list(a.frozen_lora), "blocks": list(a.blocks),
+                  "file_names": [n for n, _ in a.files], "file_hashes": [h for _, h in a.files],
+                  "kind": a.kind, "quantization": a.quantization, "local_steps": a.local_steps,
+                  "batch_size": a.batch_size, "lr": float(a.lr), "mu": float(a.mu)}
+        record = self.data.to_record()
+        for key, value in values.items():
+            record[key] = value
+        return record
+
+    @classmethod
+    def from_record(cls, record) -> TrainConfig:
+        """Read and check a train message's config; a MessageError says what is wrong."""
+        what = "train config"
+        get = lambda key, kind: _field(record, key, kind, what)  # noqa: E731
+        lists = {k: get(k, list) for k in ("layers", "trainable", "frozen_lora", "blocks",
+                                            "file_names", "file_hashes", "lora.targets")}
+        for key in ("layers", "trainable", "frozen_lora"):
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in lists[key]):
+                raise MessageError(f"{what}: {key!r} must list layer indices, got {lists[key]!r}")
+        names = [checked(n, FILE_NAME, "file name") for n in lists["file_names"]]
+        hashes = [checked(h, SHA256, "file hash") for h in lists["file_hashes"]]
+        if len(names) != len(hashes) or len(set(names)) != len(names):
+            raise MessageError(f"{what}: file names and hashes must pair up, one per name")
+        try:
+            assignment = Assignment(
+                layers=tuple(lists["layers"]), trainable=tuple(lists["trainable"]),
+                files=tuple(zip(names, hashes, strict=True)), kind=get("kind", str),
+                quantization=get("quantization", str), frozen_lora=tuple(lists["frozen_lora"]),
+                blocks=tuple(lists["blocks"]), local_steps=get("local_steps", int),
+                batch_size=get("batch_size", int), lr=get("lr", float), mu=get("mu", float))
+            lora = LoraSpec(r=get("lora.r", int), alpha=get("lora.alpha", int),
+                            dropout=get("lora.dropout", float), targets=tuple(lists["lora.targets"]))
+        except (TypeError, ValueError) as error:
+            raise MessageError(f"{what}: {error}") from None
+        return cls(run=checked(get("run", str), KEY, "run key"), round=get("round", int),
+                   assignment=assignment, data=DataSpec.from_record(record), lora=lora,
+                   activation_cache=get("activation_cache", bool))
 
 
 def to_record(state: dict[str, torch.Tensor]) -> ArrayRecord:
@@ -31,6 +165,24 @@ def record_bytes(record: ArrayRecord) -> int:
 def record_params(record: ArrayRecord) -> int:
     """Number of values in the record's arrays."""
     return sum(int(np.prod(array.shape)) for array in record.values())
+
+
+def blobs_record(paths: dict[str, Path]) -> ArrayRecord:
+    """Files by content hash (``sha256 -> path``) as raw bytes: what a client lacks."""
+    return ArrayRecord(OrderedDict((digest, Array(np.frombuffer(Path(path).read_bytes(), dtype=np.uint8)))
+                                   for digest, path in sorted(paths.items())))
+
+
+def read_blobs(record: ArrayRecord) -> dict[str, bytes]:
+    """The files of a blobs record, each checked against its content hash."""
+    blobs = {}
+    for digest, array in record.items():
+        checked(digest, SHA256, "file hash")
+        data = array.numpy().tobytes()
+        if file_hash(data) != digest:
+            raise MessageError(f"file {digest[:12]}...: content does not match its hash")
+        blobs[digest] = data
+    return blobs
 
 
 def files_record(folder: Path | str) -> ArrayRecord:

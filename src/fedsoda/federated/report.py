@@ -8,7 +8,7 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord
 
-from fedsoda.federated.messages import files_record, record_bytes, record_params, to_record
+from fedsoda.federated.messages import blobs_record, record_bytes, record_params, to_record
 
 log = logging.getLogger("fedsoda.server")
 
@@ -124,32 +124,28 @@ def plot_curve(metrics: list[dict], path: Path, title: str) -> None:
     plt.close(figure)
 
 
-def write_summary(cfg, out: Path, models, state, task, rows, wall_seconds: float) -> dict:
-    from fedsoda.accounting import client_peak_memory
-    from fedsoda.methods import server_models
-
-    server_models.export_adapter(models, out / "adapter")
+def write_summary(cfg, out: Path, method, server, state, task, rows, wall_seconds: float) -> dict:
+    """``summary.json``: the run's figures (same definitions for every method) and what the
+    method reports of its clients (``method.summary``); also exports the adapter."""
     metrics = state.metrics
     final = next((m["accuracy"] for m in reversed(metrics) if "accuracy" in m), None)
-    sub = server_models.evaluate_sub(models, task, rows, cfg.data_folder)["accuracy"]
+    own = method.summary(server, cfg, state, out, task, rows)
+    files = own.pop("client_download_files")
     summary = {
-        "method": cfg.method, **models.recipe.columns, "realign_every": cfg.realign_every,
-        "partition": cfg.partition, "seed": cfg.seed,
+        "method": cfg.method, **{k: own.pop(k) for k in ("pruning", "pre_align", "realign")},
+        "realign_every": cfg.realign_every, "partition": cfg.partition, "seed": cfg.seed,
         "model": cfg.model, "task": cfg.task, "rounds": cfg.rounds,
         "clients": cfg.clients, "clients_per_round": cfg.clients_per_round,
-        "accuracy": final, "accuracy_sub": sub, "eval_examples": len(rows),
-        "trainable_params": sum(t.numel() for t in state.adapter.values()),
+        "accuracy": final, "accuracy_sub": own.pop("accuracy_sub"), "eval_examples": len(rows),
+        "trainable_params": own.pop("trainable_params"),
         "comm_params_per_round": sum(m["params_down"] + m["params_up"] for m in metrics) / len(metrics),
         "comm_bytes_total": sum(m["bytes_down"] + m["bytes_up"] for m in metrics),
         # Sent, all clients: 0 for weights a client kept from an earlier run (content hash).
         "submodel_download_bytes": metrics[-1]["submodel_bytes_total"],
-        # What one client needs to join, cached or not: the model files and the emulator LoRA.
-        "client_download_bytes": record_bytes(files_record(models.folder / "model"))
+        # What one client needs to join, cached or not: its model files and the emulator LoRA.
+        "client_download_bytes": record_bytes(blobs_record({str(i): p for i, p in enumerate(files)}))
         + record_bytes(to_record(state.emulator)),
-        "client_model_bytes": models.sizes["client_model_bytes"],
-        "client_peak_memory_bytes": client_peak_memory(models.folder, cfg.task, cfg.batch_size,
-                                                       cfg.max_tokens, cfg.data_folder),
-        "full_model_bf16_bytes": models.full_bf16_bytes,
+        **own,
         "rejected_replies": sum(len(m["rejected"]) for m in metrics),
         "wall_seconds": wall_seconds,
     }

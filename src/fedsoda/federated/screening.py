@@ -1,10 +1,37 @@
-"""Screen every client reply before aggregation: a bad reply is rejected, never averaged in."""
+"""Screen every client reply before aggregation: a bad reply is rejected, never averaged in.
+
+Plain functions, no runtime. Each reply is checked against what *that client* was assigned:
+its trainable layers' LoRA tensors of the global state (keys, shapes, float32), finite values,
+a finite training loss and a whole example count within what the client declared at the
+handshake.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+from flwr.app import ArrayRecord, MetricRecord
+
+from fedsoda.federated.messages import from_record
+from fedsoda.surgery.lora import layer_of
+
+
+@dataclass(frozen=True)
+class Reply:
+    """An accepted reply: the client's LoRA update (full-model names) and what it reported."""
+
+    client: int
+    update: dict[str, torch.Tensor]
+    num_examples: int
+    loss: float
+
+
+def expected_update(global_state: dict[str, torch.Tensor], trainable) -> dict[str, torch.Tensor]:
+    """The tensors a client trained on ``trainable`` (full-model layers) must send back."""
+    wanted = set(trainable)
+    return {k: v for k, v in global_state.items() if layer_of(k) in wanted}
 
 
 def screen_update(update: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
@@ -26,8 +53,39 @@ def screen_update(update: dict[str, torch.Tensor], expected: dict[str, torch.Ten
             return f"{key}: dtype {tensor.dtype} != torch.float32"
         if not torch.isfinite(tensor).all():
             return f"{key}: non-finite values"
-    if not isinstance(num_examples, (int, float)) or not math.isfinite(num_examples):
+    if isinstance(num_examples, bool) or not isinstance(num_examples, (int, float)) \
+            or not math.isfinite(num_examples):
         return f"example count {num_examples!r} is not a number"
     if num_examples != int(num_examples) or not 1 <= num_examples <= max_examples:
-        return f"example count {num_examples} outside 1..{max_examples} (the partition size)"
+        return f"example count {num_examples} outside 1..{max_examples} (what the client declared)"
     return None
+
+
+def screen_reply(content, client: int, expected: dict[str, torch.Tensor],
+                 max_examples: int) -> Reply | str:
+    """The accepted reply, or why the reply of ``client`` is rejected (a one-line reason).
+
+    ``content`` is the reply's RecordDict; nothing in it is trusted: a missing or mistyped
+    record, undecodable arrays, a missing or non-finite metric are all reasons.
+    """
+    for name, kind in (("adapter", ArrayRecord), ("metrics", MetricRecord)):
+        if name not in content:
+            return f"no {name!r} record"
+        if not isinstance(content[name], kind):
+            return f"the {name!r} record is a {type(content[name]).__name__}, not a {kind.__name__}"
+    try:
+        update = from_record(content["adapter"])
+    except Exception as error:  # noqa: BLE001 - any decoding failure is the client's fault
+        return f"undecodable adapter arrays ({type(error).__name__}: {str(error)[:120]})"
+    metrics = content["metrics"]
+    for key in ("num_examples", "train_loss"):
+        if key not in metrics:
+            return f"no {key!r} metric"
+    loss = metrics["train_loss"]
+    if isinstance(loss, bool) or not isinstance(loss, (int, float)) or not math.isfinite(loss):
+        return f"train_loss {loss!r} is not a finite number"
+    reason = screen_update(update, expected, metrics["num_examples"], max_examples)
+    if reason:
+        return reason
+    return Reply(client=client, update=update, num_examples=int(metrics["num_examples"]),
+                 loss=float(loss))

@@ -1,10 +1,14 @@
-"""The ServerApp: prepare the models of the run's method, then run round by round
-(FedSODA's Algorithm 2; the baselines differ only in their recipe, see ``fedsoda.methods``).
+"""The ServerApp: prepare the run's method, then run round by round (FedSODA's Algorithm 2;
+the other methods differ in what their module assigns and does between rounds, see
+``fedsoda.methods``).
 
-Each round: sample clients, send the sub-LLM to those that lack it (once), send the global
-adapter LoRA (and the emulator LoRA to clients whose copy is older than the latest
-realignment), screen and FedAvg the replies, realign every ``r`` rounds, evaluate every
-``eval_every`` rounds, checkpoint.
+Each round: sample clients, ask the method for each one's assignment (layers held, layers
+trained, training settings), send each client the files of its assignment it lacks (once,
+by content hash), send the global LoRA of its layers (and the emulator LoRA to clients whose
+copy is older than the latest realignment), screen every reply against that client's
+assignment, average layer-wise, let the method act (realign), evaluate every ``eval_every``
+rounds, checkpoint. The server never reads clients' data: the bound on a reply's example
+count is what the client declared at the handshake.
 """
 
 from __future__ import annotations
@@ -13,39 +17,31 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedsoda.data.partition import sample_round, task_partitions
+from fedsoda.aggregation import layerwise_fedavg
+from fedsoda.data.partition import sample_round
 from fedsoda.data.tasks import get_task
 from fedsoda.evaluate.tasks import evaluation_rows
 from fedsoda.federated.checkpoint import ServerState, load_checkpoint, save_checkpoint
-from fedsoda.federated.client_app import train_config
-from fedsoda.federated.config import RunConfig, config_from_flat
-from fedsoda.federated.messages import files_record, from_record, record_bytes, to_record
+from fedsoda.federated.config import RunConfig, config_from_flat, with_method_schedule
+from fedsoda.federated.messages import (
+    DataSpec,
+    TrainConfig,
+    blobs_record,
+    record_bytes,
+    to_record,
+)
 from fedsoda.federated.report import RoundLog, RunProgress, write_summary
-from fedsoda.federated.screening import screen_update
-from fedsoda.methods import get_recipe, server_models
-from fedsoda.surgery.lora import load_lora_state
-from fedsoda.training import fedavg
+from fedsoda.federated.screening import Reply, expected_update, screen_reply
+from fedsoda.methods import get_method
+from fedsoda.methods.assignment import Assignment
 
 log = logging.getLogger("fedsoda.server")
-
-
-def client_model_hash(folder: Path) -> str:
-    """Content hash of what a client holds: the weights and the LoRA layout and plan.
-
-    The layout counts: two runs can share the same pruned weights (same kept layers) but put
-    the adapter LoRA on different layers.
-    """
-    digest = hashlib.sha256()
-    files = [p for p in sorted((folder / "model").iterdir()) if p.is_file()]
-    for path in files + [folder / "lora.json", folder / "plan.json"]:
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:16]
 
 
 def run_key(cfg: RunConfig) -> str:
@@ -54,6 +50,11 @@ def run_key(cfg: RunConfig) -> str:
     Derived from the run folder, so a resumed run finds what its clients already hold.
     """
     return hashlib.sha256(str(Path(cfg.out).resolve()).encode()).hexdigest()[:16]
+
+
+def data_spec(cfg: RunConfig) -> DataSpec:
+    return DataSpec(task=cfg.task, data_dir=cfg.data_dir, clients=cfg.clients,
+                    partition=cfg.partition, seed=cfg.seed, max_tokens=cfg.max_tokens)
 
 
 def wait_for_nodes(grid: Grid, count: int, timeout: float = 300.0) -> list[int]:
@@ -65,93 +66,60 @@ def wait_for_nodes(grid: Grid, count: int, timeout: float = 300.0) -> list[int]:
     return nodes
 
 
-def handshake(grid: Grid, nodes: list[int], model_hash: str) -> tuple[dict[int, int], set[int]]:
-    """Partition id -> node id, and the partitions whose node already holds the sub-LLM."""
-    config = ConfigRecord({"model_hash": model_hash})
+@dataclass
+class Clients:
+    """What the server knows of its clients: from the handshake, then from deliveries."""
+
+    node_of: dict[int, int] = field(default_factory=dict)  # client (partition) id -> node id
+    declared: dict[int, int] = field(default_factory=dict)  # client id -> examples it holds
+    held: dict[int, set[str]] = field(default_factory=dict)  # client id -> file hashes held
+
+
+def handshake(grid: Grid, nodes: list[int], cfg: RunConfig, hashes: list[str]) -> Clients:
+    """Ask every node which client it is, how many examples it holds (``cfg.max_examples``
+    caps what is believed) and which of the run's files it already has."""
+    config = data_spec(cfg).to_record()
+    config["hashes"] = sorted(hashes)
     replies = grid.send_and_receive([Message(RecordDict({"config": config}), dst_node_id=n,
                                              message_type="query.hello") for n in nodes])
-    by_partition, holding = {}, set()
+    clients = Clients()
     for reply in replies:
         if reply.has_error():
             raise RuntimeError(f"client {reply.metadata.src_node_id} failed the handshake: "
                                f"{reply.error.reason}")
         metrics = reply.content["metrics"]
-        by_partition[int(metrics["partition_id"])] = reply.metadata.src_node_id
-        if metrics["holds_model"]:
-            holding.add(int(metrics["partition_id"]))
-    return by_partition, holding
+        pid, count = int(metrics["partition_id"]), int(metrics["num_examples"])
+        clients.node_of[pid] = reply.metadata.src_node_id
+        clients.declared[pid] = min(count, cfg.max_examples) if cfg.max_examples else count
+        clients.held[pid] = set(hashes) & set(reply.content["config"]["held"])
+    missing = sorted(set(range(cfg.clients)) - set(clients.node_of))
+    if missing:
+        raise RuntimeError(f"no node serves client ids {missing[:5]}; every SuperNode needs a "
+                           f"distinct partition-id in 0..{cfg.clients - 1}")
+    return clients
 
 
-def deliver(grid: Grid, nodes: list[int], models: server_models.ServerModels, model_hash: str,
-            emulator: dict, run: str) -> int:
-    """Send the sub-LLM files (one-time download); returns the bytes sent."""
-    if not nodes:
+def deliver(grid: Grid, clients: Clients, assignments: dict[int, Assignment],
+            paths: dict[str, Path]) -> int:
+    """Send each client the files of its assignment it lacks; returns the bytes sent."""
+    messages, lacking = [], {}
+    for pid, assignment in sorted(assignments.items()):
+        lacking[pid] = {h for _, h in assignment.files} - clients.held[pid]
+        if lacking[pid]:
+            record = blobs_record({h: paths[h] for h in lacking[pid]})
+            messages.append((pid, record, Message(RecordDict({"files": record}),
+                                                  dst_node_id=clients.node_of[pid],
+                                                  message_type="query.deliver")))
+    if not messages:
         return 0
-    files = files_record(models.folder / "model")
-    config = ConfigRecord({"model_hash": model_hash, "run": run,
-                           "lora.json": (models.folder / "lora.json").read_text(),
-                           "plan.json": (models.folder / "plan.json").read_text()})
-    content = RecordDict({"model": files, "emulator": to_record(emulator), "config": config})
-    replies = list(grid.send_and_receive([Message(content, dst_node_id=n, message_type="query.deliver")
-                                          for n in nodes]))
+    replies = list(grid.send_and_receive([m for _, _, m in messages]))
     failed = [r.metadata.src_node_id for r in replies if r.has_error()]
-    if failed or len(replies) != len(nodes):
-        raise RuntimeError(f"sub-LLM delivery failed for nodes {failed or 'missing replies'}")
-    return len(nodes) * (record_bytes(files) + record_bytes(content["emulator"]))
-
-
-def train_round(grid: Grid, cfg: RunConfig, state: ServerState, sampled: list[int],
-                node_of: dict[int, int], model_hash: str, sizes: dict[int, int],
-                round_log: RoundLog) -> list[tuple[dict, float, int]]:
-    """Send train messages; return the screened ``(update, weight, partition)`` triples."""
-    adapter_record = to_record(state.adapter)
-    run = run_key(cfg)
-    messages = []
-    for pid in sampled:
-        content = RecordDict({"adapter": adapter_record, "config": train_config(
-            model_hash=model_hash, run=run, round=state.round + 1, task=cfg.task,
-            data_dir=cfg.data_dir,            clients=cfg.clients, partition=cfg.partition, seed=cfg.seed,
-            max_tokens=cfg.max_tokens, activation_cache=cfg.activation_cache,
-            local_steps=cfg.local_steps, batch_size=cfg.batch_size,
-            lr=cfg.lr, mu=cfg.mu)})
-        round_log.down(adapter_record)
-        if state.holders.get(str(pid), -1) < state.emulator_version:
-            content["emulator"] = to_record(state.emulator)
-            if str(pid) in state.holders:
-                round_log.down(content["emulator"])  # an update after a realignment
-            else:
-                # A client that held the sub-LLM from an earlier run still lacks this run's
-                # emulator LoRA: joining, counted with the one-time download, as for a newcomer.
-                round_log.join(content["emulator"])
-            state.holders[str(pid)] = state.emulator_version
-        messages.append(Message(content, dst_node_id=node_of[pid], message_type="train"))
-    accepted, errors = [], []
-    partition_of = {node: pid for pid, node in node_of.items()}
-    for reply in grid.send_and_receive(messages):
-        pid = partition_of.get(reply.metadata.src_node_id, -1)
-        if reply.has_error():
-            errors.append(reply.error.reason)
-            round_log.reject(pid, f"client error: {reply.error.reason}")
-            continue
-        update = from_record(reply.content["adapter"])
-        round_log.up(reply.content["adapter"])
-        metrics = reply.content["metrics"]
-        reason = screen_update(update, state.adapter, metrics.get("num_examples"), sizes[pid])
-        if reason:
-            round_log.reject(pid, reason)
-            continue
-        round_log.loss(float(metrics["train_loss"]), float(metrics["num_examples"]))
-        accepted.append((update, float(metrics["num_examples"]), pid))
-    if errors and len(errors) == len(messages):
-        # Every client crashed: a setup problem, not a bad client; going on would only
-        # burn the remaining rounds on the unchanged adapter.
-        raise RuntimeError(f"round {state.round + 1}: all {len(errors)} clients failed; the "
-                           f"first error: {errors[0][-1500:]}")
-    return sorted(accepted, key=lambda item: item[2])  # fixed order: bitwise-reproducible sums
-
-
-def sample_clients(cfg: RunConfig, round_number: int) -> list[int]:
-    return sample_round(cfg.seed, cfg.clients, cfg.clients_per_round, round_number)
+    if failed or len(replies) != len(messages):
+        reasons = [r.error.reason[-300:] for r in replies if r.has_error()]
+        raise RuntimeError(f"file delivery failed for nodes {failed or 'missing replies'}: {reasons[:1]}")
+    for pid, _, _ in messages:
+        clients.held[pid] |= lacking[pid]
+    return sum(record_bytes(record) for _, record, _ in messages)
 
 
 @dataclass
@@ -160,73 +128,133 @@ class Session:
 
     grid: Grid
     cfg: RunConfig
-    models: server_models.ServerModels
-    node_of: dict[int, int]  # partition id -> node id
-    holding: set[int]  # partitions whose node holds the client model
-    model_hash: str
-    sizes: dict[int, int]  # partition id -> number of examples
+    method: object  # the method's module (``fedsoda.methods.get_method``)
+    server: object  # what the method's ``prepare`` returned
+    clients: Clients
+    paths: dict[str, Path]  # file hash -> where the server holds it
     task: object
     rows: list[dict]  # evaluation rows
     submodel_bytes: int  # one-time downloads so far
 
 
+def train_message(session: Session, state: ServerState, pid: int, assignment: Assignment,
+                  round_log: RoundLog) -> Message:
+    """One client's train message: its assignment, its layers' global LoRA, and the
+    emulator LoRA if its copy is stale (counted as joining the first time)."""
+    cfg = session.cfg
+    config = TrainConfig(run=run_key(cfg), round=state.round + 1, assignment=assignment,
+                         data=data_spec(cfg), lora=session.server.lora, activation_cache=cfg.activation_cache)
+    adapter = to_record(expected_update(state.adapter, assignment.trainable))
+    content = RecordDict({"adapter": adapter, "config": config.to_record()})
+    round_log.down(adapter)
+    if assignment.frozen_lora and state.holders.get(str(pid), -1) < state.emulator_version:
+        content["emulator"] = to_record(expected_update(state.emulator, assignment.frozen_lora))
+        if str(pid) in state.holders:
+            round_log.down(content["emulator"])  # an update after a realignment
+        else:
+            # A client's first emulator LoRA of this run: joining, counted with the one-time
+            # download whether or not it kept the weights from an earlier run.
+            round_log.join(content["emulator"])
+        state.holders[str(pid)] = state.emulator_version
+    return Message(content, dst_node_id=session.clients.node_of[pid], message_type="train")
+
+
+def train_round(session: Session, state: ServerState, assignments: dict[int, Assignment],
+                round_log: RoundLog) -> list[Reply]:
+    """Send train messages; return the accepted replies, screened per assignment."""
+    messages = [train_message(session, state, pid, a, round_log)
+                for pid, a in sorted(assignments.items())]
+    client_of = {node: pid for pid, node in session.clients.node_of.items()}
+    accepted, errors, answered = [], [], set()
+    for reply in session.grid.send_and_receive(messages):
+        pid = client_of.get(reply.metadata.src_node_id, -1)
+        if reply.has_error():
+            errors.append(reply.error.reason)
+            round_log.reject(pid, f"client error: {reply.error.reason[-500:]}")
+            continue
+        if pid not in assignments or pid in answered:
+            round_log.reject(pid, "a reply from a client that was not sampled or already answered")
+            continue
+        answered.add(pid)
+        if "adapter" in reply.content and isinstance(reply.content["adapter"], ArrayRecord):
+            round_log.up(reply.content["adapter"])  # what arrived counts, accepted or not
+        expected = expected_update(state.adapter, assignments[pid].trainable)
+        result = screen_reply(reply.content, pid, expected, session.clients.declared[pid])
+        if isinstance(result, str):
+            round_log.reject(pid, result)
+            continue
+        round_log.loss(result.loss, float(result.num_examples))
+        accepted.append(result)
+    if errors and len(errors) == len(messages):
+        # Every client crashed: a setup problem, not a bad client; going on would only
+        # burn the remaining rounds on the unchanged adapter.
+        raise RuntimeError(f"round {state.round + 1}: all {len(errors)} clients failed; the "
+                           f"first error: {errors[0][-1500:]}")
+    return sorted(accepted, key=lambda r: r.client)  # fixed order: bitwise-reproducible sums
+
+
+def sample_clients(cfg: RunConfig, round_number: int) -> list[int]:
+    """The clients of a round (``fedsoda data partition --rounds`` lists the same draw)."""
+    return sample_round(cfg.seed, cfg.clients, cfg.clients_per_round, round_number)
+
+
 def play_round(session: Session, state: ServerState) -> tuple[RoundLog, dict]:
-    """One round: deliver, train, aggregate, maybe realign and evaluate; returns its entry."""
-    cfg, models = session.cfg, session.models
+    """One round: assign, deliver, train, aggregate, let the method act, maybe evaluate."""
+    cfg, method, server = session.cfg, session.method, session.server
     began = time.perf_counter()
     sampled = sample_clients(cfg, state.round + 1)
-    newcomers = [p for p in sampled if p not in session.holding]
-    session.submodel_bytes += deliver(session.grid, [session.node_of[p] for p in newcomers],
-                                      models, session.model_hash, state.emulator,
-                                      run_key(cfg))
-    session.holding.update(newcomers)
-    for pid in newcomers:
-        state.holders[str(pid)] = state.emulator_version  # the delivery carried it
+    assignments = method.assign(server, cfg, state, sampled)
+    session.submodel_bytes += deliver(session.grid, session.clients, assignments, session.paths)
     round_log = RoundLog(state.round + 1)
-    accepted = train_round(session.grid, cfg, state, sampled, session.node_of, session.model_hash,
-                           session.sizes, round_log)
+    accepted = train_round(session, state, assignments, round_log)
     session.submodel_bytes += round_log.bytes_join
     if accepted:
-        state.adapter = fedavg([a[0] for a in accepted], [a[1] for a in accepted])
-    server_models.set_global_adapter(models, state.adapter)
+        state.adapter = layerwise_fedavg(state.adapter, [r.update for r in accepted],
+                                         [float(r.num_examples) for r in accepted])
     state.round += 1
-    every = models.recipe.realign_every(cfg.realign_every)  # FedOT never, FedBiOT every round
-    realigned = bool(every) and state.round % every == 0 and state.round < cfg.rounds
-    if realigned:
-        state.emulator = server_models.realign(models, cfg.align, state.round)["emulator"]
-        state.emulator_version += 1
+    realigned = method.after_round(server, cfg, state)
     scored = {}
     if state.round == cfg.rounds or (cfg.eval_every and state.round % cfg.eval_every == 0):
-        scored = server_models.evaluate_full(models, session.task, session.rows, cfg.data_folder)
+        scored = method.evaluate(server, session.task, session.rows, cfg.data_folder)
     entry = round_log.finish(scored.get("accuracy"), realigned, time.perf_counter() - began,
                              session.submodel_bytes, scored)
     return round_log, entry
 
 
-def run_server(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict:
-    """The whole run on one grid; writes the run folder and returns the summary."""
-    began = time.perf_counter()
+def start(grid: Grid, cfg: RunConfig, resume: bool) -> tuple[Session, ServerState]:
+    """Prepare the method's server side and the state (fresh or resumed), then handshake."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    if resume:
-        state = load_checkpoint(out / "checkpoint")
-    else:
-        cfg.save(out / "config.toml")
-    models = server_models.prepare(get_recipe(cfg.method), cfg.model, cfg.prune, cfg.align,
-                                   cfg.data_folder, out, pre_align=not resume)
+    method = get_method(cfg.method)
+    state = load_checkpoint(out / "checkpoint") if resume else None
     if not resume:
-        state = ServerState(adapter=models.sub.adapter_lora(), emulator=models.sub.emulator_lora(),
-                            emulator_version=0)
-    server_models.set_global_adapter(models, state.adapter)
-    load_lora_state(models.sub.model, state.emulator)
-    model_hash = client_model_hash(models.folder)
+        cfg.save(out / "config.toml")
+    server = method.prepare(cfg, out, resume)
+    if state is None:
+        adapter, emulator = method.initial_state(server)
+        state = ServerState(adapter=adapter, emulator=emulator, emulator_version=0)
+    method.load_state(server, state)
+    paths = {digest: path for digest, path in server.files.values()}
+    clients = handshake(grid, wait_for_nodes(grid, cfg.clients), cfg, list(paths))
+    # What each client declared of its own data (the server never reads clients' data).
+    (out / "clients.json").write_text(json.dumps(
+        {str(pid): {"examples": clients.declared[pid], "files_held": len(clients.held[pid])}
+         for pid in sorted(clients.node_of)}, indent=1) + "\n")
     task = get_task(cfg.task)
-    node_of, holding = handshake(grid, wait_for_nodes(grid, cfg.clients), model_hash)
-    session = Session(grid=grid, cfg=cfg, models=models, node_of=node_of, holding=holding,
-                      model_hash=model_hash, sizes=_partition_sizes(cfg), task=task,
+    session = Session(grid=grid, cfg=cfg, method=method, server=server, clients=clients,
+                      paths=paths, task=task,
                       rows=evaluation_rows(task, cfg.data_folder, cfg.eval_limit or None),
                       submodel_bytes=state.metrics[-1].get("submodel_bytes_total", 0)
                       if state.metrics else 0)
+    return session, state
+
+
+def run_server(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict:
+    """The whole run on one grid; writes the run folder and returns the summary."""
+    began = time.perf_counter()
+    cfg = with_method_schedule(cfg)  # idempotent: a RunConfig built by hand gets it too
+    out = Path(cfg.out)
+    session, state = start(grid, cfg, resume)
     sent = sum(m["bytes_down"] + m["bytes_up"] for m in state.metrics)
     with RunProgress(cfg.method, cfg.rounds, state.round, sent) as progress:
         while state.round < cfg.rounds:
@@ -239,12 +267,8 @@ def run_server(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict:
             tmp = out / "metrics.jsonl.tmp"
             tmp.write_text("".join(json.dumps(m) + "\n" for m in state.metrics))
             tmp.replace(out / "metrics.jsonl")
-    return write_summary(cfg, out, models, state, task, session.rows, time.perf_counter() - began)
-
-
-def _partition_sizes(cfg: RunConfig) -> dict[int, int]:
-    _, parts = task_partitions(cfg.task, cfg.clients, cfg.partition, cfg.seed, cfg.data_folder)
-    return {pid: len(part) for pid, part in enumerate(parts)}
+    return write_summary(cfg, out, session.method, session.server, state, session.task,
+                         session.rows, time.perf_counter() - began)
 
 
 app = ServerApp()
@@ -254,3 +278,4 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Entry point for Flower's deployment engine (`flwr run`): config from the run config."""
     run_server(grid, config_from_flat(dict(context.run_config)))
+

@@ -25,9 +25,9 @@ from fedsoda.methods.client_model import build_client_model, recipe_plan
 from fedsoda.methods.recipe import Recipe
 from fedsoda.models import load
 from fedsoda.surgery.build import SubLLM, open_sub_llm, save_sub_llm
-from fedsoda.surgery.lora import load_lora_state
+from fedsoda.surgery.lora import load_lora_state, to_local
 from fedsoda.surgery.plan import PruneSettings, PruningPlan
-from fedsoda.surgery.plugback import export_peft, plug_adapter, to_full_names
+from fedsoda.surgery.plugback import export_peft, plug_adapter
 from fedsoda.surgery.quantize import dense_bytes
 
 
@@ -88,9 +88,10 @@ def prepare(recipe: Recipe, model_spec: str, prune_settings: PruneSettings,
 
 
 def set_global_adapter(models: ServerModels, adapter: dict[str, torch.Tensor]) -> None:
-    """The same global adapter LoRA in the client model (student) and the full LLM (teacher)."""
-    load_lora_state(models.sub.model, adapter)
-    load_lora_state(models.teacher, to_full_names(adapter, models.sub.plan))
+    """The same global adapter LoRA (full-model names) in the client model (student) and the
+    full LLM (teacher)."""
+    load_lora_state(models.sub.model, to_local(adapter, models.sub.plan.kept_layers))
+    load_lora_state(models.teacher, adapter)
 
 
 def realign(models: ServerModels, settings: AlignSettings, round_number: int) -> dict:

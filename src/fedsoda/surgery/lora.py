@@ -131,3 +131,17 @@ def rename_layers(state: dict[str, torch.Tensor], mapping: dict[int, int]) -> di
             raise KeyError(f"{name}: layer {index} has no counterpart")
         renamed[_LAYER.sub(f".layers.{mapping[index]}.", name, count=1)] = tensor
     return renamed
+
+
+def to_full(state: dict[str, torch.Tensor], layers: list[int] | tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """Client-model names -> full-model names: position ``j`` holds full-model layer ``layers[j]``.
+
+    LoRA tensors on the wire and in the server's state are named by full-model layer, so two
+    clients holding different layers never give the same key to different layers.
+    """
+    return rename_layers(state, dict(enumerate(layers)))
+
+
+def to_local(state: dict[str, torch.Tensor], layers: list[int] | tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """Full-model names -> the names of a client model made of ``layers`` (in that order)."""
+    return rename_layers(state, {full: position for position, full in enumerate(layers)})

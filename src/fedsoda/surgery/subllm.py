@@ -14,7 +14,7 @@ from torch import nn
 from fedsoda.models import decoder_layers, unwrap
 
 
-def _prune_config(config, kept: list[int]) -> None:
+def prune_config(config, kept: list[int]) -> None:
     total = config.num_hidden_layers
     for name, value in list(vars(config).items()):
         # Any per-layer list (layer_types, per-layer window settings) is pruned alike.
@@ -47,16 +47,16 @@ def keep_layers(model: nn.Module, kept: list[int], share: bool = False) -> nn.Mo
         inner._modules = dict(base.model._modules)
         inner.config = copy.deepcopy(base.model.config)
         inner.layers = nn.ModuleList([layers[i] for i in kept])
-        _prune_config(inner.config, kept)
+        prune_config(inner.config, kept)
         view.model = inner
         view.config = inner.config
         return view
     sub = copy.deepcopy(base)
     sub_layers = decoder_layers(sub)
     sub.model.layers = nn.ModuleList([sub_layers[i] for i in kept])
-    _prune_config(sub.config, kept)
+    prune_config(sub.config, kept)
     if sub.model.config is not sub.config:
-        _prune_config(sub.model.config, kept)
+        prune_config(sub.model.config, kept)
     for position, layer in enumerate(sub.model.layers):
         for module in layer.modules():
             if hasattr(module, "layer_idx"):

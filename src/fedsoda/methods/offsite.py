@@ -1,0 +1,119 @@
+"""The offsite-tuning family on the heterogeneous-client runtime: FedSODA, FedPETuning, FedOT
+and FedBiOT, each a ``Recipe`` (see their modules), all run by these functions.
+
+Every sampled client gets the same assignment: it holds the recipe's client model (the
+sub-LLM folder, full-model layers ``plan.kept_layers``), trains the adapter LoRA (full-model
+layers ``plan.full_adapter_layers``) and holds the server-trained emulator LoRA. After each
+round's aggregation the server puts the global adapter into the teacher and the student, and
+realigns every ``realign_every`` rounds.
+
+The functions every method module provides, in the order the runtime calls them:
+``prepare`` (server models and client files), ``initial_state``, ``load_state``, ``assign``,
+``after_round`` (after aggregation), ``evaluate``, ``summary``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fedsoda.methods import server_models
+from fedsoda.methods.assignment import Assignment
+from fedsoda.methods.recipe import Recipe
+from fedsoda.models.loading import file_sha256
+from fedsoda.surgery.lora import LoraSpec, load_lora_state, to_full, to_local
+
+
+@dataclass
+class Offsite:
+    """A run's server side for a recipe method."""
+
+    recipe: Recipe
+    models: server_models.ServerModels
+    files: dict[str, tuple[str, Path]]  # client model file name -> (sha256, path)
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return tuple(self.models.sub.plan.kept_layers)
+
+    @property
+    def lora(self) -> LoraSpec:
+        return self.models.sub.spec
+
+
+def folder_files(folder: Path) -> dict[str, tuple[str, Path]]:
+    """Every file of a model folder by name, with its content hash."""
+    return {p.name: (file_sha256(p), p) for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def prepare(cfg, out: Path, resume: bool) -> Offsite:
+    """The recipe's client model (built, or reopened on resume) and the server's models."""
+    from fedsoda.methods import get_recipe  # the package's registry imports this module
+
+    recipe = get_recipe(cfg.method)
+    models = server_models.prepare(recipe, cfg.model, cfg.prune, cfg.align, cfg.data_folder,
+                                   out, pre_align=not resume)
+    return Offsite(recipe=recipe, models=models, files=folder_files(models.folder / "model"))
+
+
+def initial_state(server: Offsite) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The global adapter LoRA and the emulator LoRA before round 1 (full-model names)."""
+    sub = server.models.sub
+    return to_full(sub.adapter_lora(), server.layers), to_full(sub.emulator_lora(), server.layers)
+
+
+def load_state(server: Offsite, state) -> None:
+    """Put a (resumed) state's global adapter and emulator LoRA into the server's models."""
+    server_models.set_global_adapter(server.models, state.adapter)
+    load_lora_state(server.models.sub.model, to_local(state.emulator, server.layers))
+
+
+def assign(server: Offsite, cfg, state, sampled: list[int]) -> dict[int, Assignment]:
+    """The same assignment for every sampled client."""
+    sub = server.models.sub
+    one = Assignment(layers=server.layers, trainable=tuple(sub.plan.full_adapter_layers),
+                     files=tuple((name, digest) for name, (digest, _) in server.files.items()),
+                     kind="folder", quantization=sub.quantization,
+                     frozen_lora=tuple(server.layers[i] for i in sub.emulator_layers),
+                     local_steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr, mu=cfg.mu)
+    return {pid: one for pid in sampled}
+
+
+def after_round(server: Offsite, cfg, state) -> bool:
+    """The new global adapter into teacher and student; realign if the schedule says so
+    (``cfg.realign_every`` is the method's resolved period; no realignment after the last
+    round). Returns whether it realigned."""
+    server_models.set_global_adapter(server.models, state.adapter)
+    every = cfg.realign_every
+    if not (every and state.round % every == 0 and state.round < cfg.rounds):
+        return False
+    emulator = server_models.realign(server.models, cfg.align, state.round)["emulator"]
+    state.emulator = to_full(emulator, server.layers)
+    state.emulator_version += 1
+    return True
+
+
+def evaluate(server: Offsite, task, rows: list[dict], data_dir: str | None) -> dict:
+    """The deliverable: the full LLM with the plugged global adapter."""
+    return server_models.evaluate_full(server.models, task, rows, data_dir)
+
+
+def summary(server: Offsite, cfg, state, out: Path, task, rows: list[dict]) -> dict:
+    """Export the adapter; what a client holds, downloads and needs in memory."""
+    from fedsoda.accounting import client_peak_memory  # runs a probe process
+
+    models = server.models
+    server_models.export_adapter(models, out / "adapter")
+    return {
+        **server.recipe.columns,
+        "accuracy_sub": server_models.evaluate_sub(models, task, rows, cfg.data_folder)["accuracy"],
+        "trainable_params": sum(t.numel() for t in state.adapter.values()),
+        # What one client downloads to join, cached or not (the runtime counts its bytes).
+        "client_download_files": [p for _, p in server.files.values()],
+        "client_model_bytes": models.sizes["client_model_bytes"],
+        "client_peak_memory_bytes": client_peak_memory(models.folder, cfg.task, cfg.batch_size,
+                                                       cfg.max_tokens, cfg.data_folder),
+        "full_model_bf16_bytes": models.full_bf16_bytes,
+    }
