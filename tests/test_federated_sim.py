@@ -109,12 +109,11 @@ class Crash(RuntimeError):
     pass
 
 
-def test_resume_after_round_two_gives_the_same_adapter(tiny_model_dir, shared_data, tmp_path,
-                                                       monkeypatch):
-    straight = tmp_path / "straight"
-    simulate(tiny_config(tiny_model_dir, shared_data, straight, rounds=3, realign_every=2))
-    resumed = tmp_path / "resumed"
-    cfg = tiny_config(tiny_model_dir, shared_data, resumed, rounds=3, realign_every=2)
+def straight_and_resumed(model_dir, data, tmp_path, monkeypatch, **changes):
+    """Run folders of one config run straight through, and killed after round 2 then resumed."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    simulate(tiny_config(model_dir, data, straight, **changes))
+    cfg = tiny_config(model_dir, data, resumed, **changes)
     original = server_app.save_checkpoint
 
     def crash_after_round_two(state, folder):
@@ -127,20 +126,34 @@ def test_resume_after_round_two_gives_the_same_adapter(tiny_model_dir, shared_da
         simulate(cfg)
     monkeypatch.setattr(server_app, "save_checkpoint", original)
     simulate(cfg, resume=True)
-    a = load_file(str(straight / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(resumed / "adapter" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return straight, resumed
+
+
+def same_adapter(*runs) -> bool:
+    """Whether the run folders exported bitwise-identical adapters."""
+    a, b = (load_file(str(run / "adapter" / "adapter_model.safetensors")) for run in runs)
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def clients_with(train) -> ClientApp:
+    """The real ClientApp's handshake and delivery with another ``train``."""
+    clients = ClientApp()
+    clients.query("hello")(real.hello)
+    clients.query("deliver")(real.deliver)
+    clients.train()(train)
+    return clients
+
+
+def test_resume_after_round_two_gives_the_same_adapter(tiny_model_dir, shared_data, tmp_path,
+                                                       monkeypatch):
+    straight, resumed = straight_and_resumed(tiny_model_dir, shared_data, tmp_path, monkeypatch,
+                                             rounds=3, realign_every=2)
+    assert same_adapter(straight, resumed)
     lines = (resumed / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["round"] for line in lines] == [1, 2, 3]
 
 
 # A client population where three of four clients misbehave.
-bad_clients = ClientApp()
-bad_clients.query("hello")(real.hello)
-bad_clients.query("deliver")(real.deliver)
-
-
-@bad_clients.train()
 def misbehaving_train(message, context):
     reply = real.train(message, context)
     pid = int(context.node_config["partition-id"])
@@ -154,6 +167,9 @@ def misbehaving_train(message, context):
         reply.content["metrics"]["num_examples"] = 10**9
     reply.content["adapter"] = to_record(update)
     return Message(reply.content, reply_to=message)
+
+
+bad_clients = clients_with(misbehaving_train)
 
 
 def test_bad_replies_are_rejected_and_logged(tiny_model_dir, shared_data, tmp_path):

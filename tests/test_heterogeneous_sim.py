@@ -8,32 +8,23 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
-from flwr.clientapp import ClientApp
 from ray import cloudpickle
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from fedsoda.federated import client_app as real
-from fedsoda.federated import server_app
 from fedsoda.federated.messages import from_record
 from fedsoda.federated.simulation import simulate
 from fedsoda.surgery.lora import attach_lora, layer_of, lora_state
-from test_federated_sim import Crash, tiny_config
+from test_federated_sim import clients_with, same_adapter, straight_and_resumed, tiny_config
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 # Replies are recorded here (a folder the test sets; Ray workers inherit the environment).
 RECORD = "FEDSODA_TEST_REPLIES"
 
-recording = ClientApp()
-recording.query("hello")(real.hello)
-recording.query("deliver")(real.deliver)
-
-
-@recording.train()
 def recording_train(message, context):
     reply = real.train(message, context)
     pid = int(context.node_config["partition-id"])
@@ -42,6 +33,9 @@ def recording_train(message, context):
     (folder / f"client-{pid}.json").write_text(json.dumps(
         {"num_examples": reply.content["metrics"]["num_examples"]}))
     return reply
+
+
+recording = clients_with(recording_train)
 
 
 def test_clients_holding_different_layers_are_averaged_layer_by_layer(
@@ -78,27 +72,11 @@ def test_clients_holding_different_layers_are_averaged_layer_by_layer(
 
 
 def test_fedra_resumes_bit_for_bit(tiny_model_dir, shared_data, tmp_path, monkeypatch):
-    changes = dict(method="fedra", clients=3, clients_per_round=2, rounds=3, eval_every=0,
-                   client_layers="3x1,5x1,10x1")
-    simulate(tiny_config(tiny_model_dir, shared_data, tmp_path / "straight", **changes))
-    cfg = tiny_config(tiny_model_dir, shared_data, tmp_path / "resumed", **changes)
-    original = server_app.save_checkpoint
-
-    def crash_after_round_two(state, folder):
-        original(state, folder)
-        if state.round == 2:
-            raise Crash("killed after round 2")
-
-    monkeypatch.setattr(server_app, "save_checkpoint", crash_after_round_two)
-    with pytest.raises(Crash):
-        simulate(cfg)
-    monkeypatch.setattr(server_app, "save_checkpoint", original)
-    simulate(cfg, resume=True)
-    a = load_file(str(tmp_path / "straight" / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    states = [json.loads((tmp_path / run / "checkpoint" / "state.json").read_text())
-              for run in ("straight", "resumed")]
+    straight, resumed = straight_and_resumed(
+        tiny_model_dir, shared_data, tmp_path, monkeypatch, method="fedra", clients=3,
+        clients_per_round=2, rounds=3, eval_every=0, client_layers="3x1,5x1,10x1")
+    assert same_adapter(straight, resumed)
+    states = [json.loads((run / "checkpoint" / "state.json").read_text()) for run in (straight, resumed)]
     assert states[0]["method"] == states[1]["method"]
 
 
@@ -111,8 +89,7 @@ def test_two_identical_runs_give_the_same_adapter_bit_for_bit(tiny_model_dir, sh
     for run in ("a", "b"):  # each with empty clients, so the one-time downloads match too
         monkeypatch.setenv("FEDSODA_CACHE", str(tmp_path / f"cache-{run}"))
         simulate(tiny_config(tiny_model_dir, shared_data, tmp_path / run, **changes))
-    a, b = (load_file(str(tmp_path / run / "adapter" / "adapter_model.safetensors")) for run in "ab")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert same_adapter(tmp_path / "a", tmp_path / "b")
     metrics = [[{k: v for k, v in json.loads(line).items() if k != "seconds"}
                 for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
                for run in "ab"]
@@ -120,12 +97,6 @@ def test_two_identical_runs_give_the_same_adapter_bit_for_bit(tiny_model_dir, sh
 
 
 # Six ways a reply can be malformed (client ids 0..5), and one sound client (6).
-malformed = ClientApp()
-malformed.query("hello")(real.hello)
-malformed.query("deliver")(real.deliver)
-
-
-@malformed.train()
 def malformed_train(message, context):
     reply = real.train(message, context)
     pid, content = int(context.node_config["partition-id"]), reply.content
@@ -143,6 +114,9 @@ def malformed_train(message, context):
     elif pid == 5:
         content["metrics"]["train_loss"] = float("inf")
     return Message(content, reply_to=message)
+
+
+malformed = clients_with(malformed_train)
 
 
 def test_malformed_replies_are_rejected_and_the_run_goes_on(tiny_model_dir, shared_data, tmp_path):

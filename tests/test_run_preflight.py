@@ -59,6 +59,12 @@ def refused(argv, capsys) -> str:
     (["--method", "fedot", "--set", "prune.adapter_layers=1"] + OK, "needs adapter_layers > 1"),
     (["--set", "rounds=ten"], "config key 'rounds' must be an integer, got 'ten'"),
     (["--set", "align.samples=100000"] + OK, "align.samples=100000 but WikiText-2 validation has"),
+    (["--method", "fedra", "--clients", "2", "--clients-per-round", "2", "--set",
+      "client_layers=4x1,12x1"],
+     "every capacity must be in 1..10"),  # the tiny model has 10 layers
+    (["--method", "fedra", "--clients", "3", "--clients-per-round", "3", "--set",
+      "client_layers=4x2"], "lists 2 clients"),
+    (["--set", "client_layers=4x10"] + OK, "client_layers is FedRA's setting"),
 ])
 def test_bad_settings_stop_the_run_before_anything_starts(extra, message, tiny_model_dir, data,
                                                           tmp_path, started, capsys):

@@ -21,6 +21,7 @@ from fedsoda.data.task import load_rows
 from fedsoda.data.tasks import get_task
 from fedsoda.federated.config import RunConfig, field_types, load_config
 from fedsoda.methods import RECIPES
+from fedsoda.methods.assignment import capacities
 from fedsoda.methods.client_model import layout_plan
 from fedsoda.models import load_config as model_config
 
@@ -106,11 +107,14 @@ def clear_run(out: Path) -> None:
 
 
 def check_model(cfg: RunConfig) -> None:
-    """The pruning settings against the model's layer count, read from its config alone."""
+    """The pruning settings (or FedRA's per-client layer counts) against the model's layer
+    count, read from its config alone."""
     num_layers = model_config(cfg.model).num_hidden_layers
     recipe = RECIPES.get(cfg.method)
     if recipe is not None:
         layout_plan(recipe, cfg.model, num_layers, cfg.prune)
+    else:
+        capacities(cfg.client_layers, cfg.clients, num_layers)
 
 
 def check_data(cfg: RunConfig) -> None:
