@@ -106,3 +106,14 @@ def test_compare_refuses_a_folder_run_with_other_settings(tmp_path, capsys):
     other_soda = dataclasses.replace(soda, align=dataclasses.replace(soda.align, alpha=0.5))
     assert settings_differ(other_soda, soda) == ["align.alpha: 0.5 -> 1.0"]
     assert settings_differ(dataclasses.replace(soda, out="elsewhere", data_dir="x"), soda) == []
+
+
+def test_a_method_without_a_sub_model_accuracy_shows_a_dash(tmp_path):
+    # FedRA's clients hold a different random sub-model each round: no sub-model accuracy.
+    ra = fake_run(tmp_path / "fedra", "fedra", 0, 0.85, pruning=False, pre_align=False,
+                  realign=False, accuracy_sub=None)
+    pe = fake_run(tmp_path / "fedpetuning", "fedpetuning", 0, 0.89)
+    assert main(["report", str(ra), str(pe), "--out", str(tmp_path / "report")]) == 0
+    table = (tmp_path / "report" / "table.md").read_text()
+    assert "| FedRA |  |  |  | 85.0 ± 0.0 | – | 244.2K |" in table
+    assert "| FedPETuning |  | ✓ |  | 89.0 ± 0.0 | 79.0 ± 0.0 |" in table

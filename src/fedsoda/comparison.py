@@ -32,7 +32,11 @@ def read_run(folder: Path | str) -> dict:
             "metrics": metrics}
 
 
-def _mean_spread(values: list[float]) -> tuple[float, float]:
+def _mean_spread(values: list[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample spread; ``(None, None)`` for a figure a method does not have (FedRA's
+    clients hold a different random sub-model each round, so it has no sub-model accuracy)."""
+    if any(v is None for v in values):
+        return None, None
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
@@ -76,6 +80,10 @@ def _count(value: float) -> str:
     return f"{value / 1e6:.2f}M" if value >= 1e6 else f"{value / 1e3:.1f}K"
 
 
+def _percent(value: float | None, spread: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f} ± {100 * spread:.1f}"
+
+
 def _size(value: float) -> str:
     return f"{value / 2**20:.1f} MiB"
 
@@ -99,7 +107,7 @@ def markdown_table(rows: list[dict], runs: list[dict]) -> str:
             f"| {TITLES.get(row['method'], row['method'])} | {mark[row['pruning']]} "
             f"| {mark[row['pre_align']]} | {mark[row['realign']]} "
             f"| {100 * row['accuracy']:.1f} ± {100 * row['accuracy_spread']:.1f} "
-            f"| {100 * row['accuracy_sub']:.1f} ± {100 * row['accuracy_sub_spread']:.1f} "
+            f"| {_percent(row['accuracy_sub'], row['accuracy_sub_spread'])} "
             f"| {_count(row['trainable_params'])} | {_count(row['comm_params_per_round_per_client'])} "
             f"| {_size(row['client_model_bytes'])} | {_size(row['client_peak_memory_bytes'])} "
             f"| {','.join(map(str, row['seeds']))} |")
