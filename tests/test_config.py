@@ -76,7 +76,7 @@ def test_an_integer_is_a_float_and_a_bool_is_a_bool(tmp_path):
 
 
 @pytest.mark.parametrize(("method", "asked", "runs"), [
-    ("fedsoda", 3, 3), ("fedbiot", 3, 1), ("fedot", 3, 0), ("fedpetuning", 3, 0)])
+    ("fedsoda", 3, 3), ("fedbiot", 3, 1), ("fedot", 3, 0), ("fedpetuning", 3, 0), ("fedra", 3, 0)])
 def test_the_method_schedule_is_applied_by_the_config(method, asked, runs):
     assert load_config(None, [f"method={method}", f"realign_every={asked}"]).realign_every == runs
     assert config_from_flat({"method": method, "realign_every": asked}).realign_every == runs

@@ -53,15 +53,15 @@ def test_flower_run_config_lists_every_run_config_key_with_its_default():
 
 def own_data(shared_data: Path, tmp_path: Path) -> tuple[Path, Path]:
     """Each SuperNode's own SST-2 file (40 and 24 rows), and the server's data folder: the
-    validation split and public WikiText-2 only, no training data at all, so a server that
-    read clients' data would fail."""
+    validation split and public WikiText-2 (validation, test) only, no training data at all,
+    so a server that read clients' data would fail."""
     rows = (shared_data / "sst2" / "train.jsonl").read_text().splitlines()
     nodes = tmp_path / "nodes"
     nodes.mkdir()
     for k, (start, count) in enumerate(((0, 40), (1000, 24))):
         (nodes / f"client-{k}.jsonl").write_text("\n".join(rows[start:start + count]) + "\n")
     server = tmp_path / "server-data"
-    for name in ("sst2/validation.jsonl", "wikitext2/validation.jsonl"):
+    for name in ("sst2/validation.jsonl", "wikitext2/validation.jsonl", "wikitext2/test.jsonl"):
         (server / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(shared_data / name, server / name)
     return nodes, server

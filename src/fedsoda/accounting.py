@@ -93,7 +93,9 @@ def _probe(args: argparse.Namespace) -> dict:
     task = get_task(args.task)
     layers = [int(i) for i in args.layers.split(",")] if args.layers else None
     tokenizer = AutoTokenizer.from_pretrained(Path(args.folder) / ("model" if layers is None else ""))
-    rows = load_rows(task, task.train_split, args.data_dir)[: args.batch_size * 4]
+    # Examples of the evaluation split, which the server holds: it never reads clients'
+    # training data, and a step's peak depends only on the examples' form and length.
+    rows = load_rows(task, task.eval_split, args.data_dir)[: args.batch_size * 4]
     examples = EncodedExamples(task, rows, tokenizer, args.max_tokens)
     # The window opens after the data set is read: parsing every training row is not part of
     # a training step, and its transient peak would otherwise count.

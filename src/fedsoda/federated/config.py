@@ -205,11 +205,12 @@ def config_from_flat(values: dict) -> RunConfig:
 def with_method_schedule(config: RunConfig) -> RunConfig:
     """The realignment period the method runs with: FedOT never realigns, FedBiOT every round.
 
-    The one place a recipe's schedule is applied; a method without a Recipe keeps the value.
+    The one place a recipe's schedule is applied; a method without a Recipe (FedRA) has no
+    emulator to realign, so its period is 0.
     """
     from fedsoda.methods import RECIPES  # deferred, as in RunConfig.__post_init__
 
     recipe = RECIPES.get(config.method)
     if recipe is None:
-        return config
+        return dataclasses.replace(config, realign_every=0)
     return dataclasses.replace(config, realign_every=recipe.realign_every(config.realign_every))
