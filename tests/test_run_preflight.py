@@ -65,6 +65,8 @@ def refused(argv, capsys) -> str:
     (["--method", "fedra", "--clients", "3", "--clients-per-round", "3", "--set",
       "client_layers=4x2"], "lists 2 clients"),
     (["--set", "client_layers=4x10"] + OK, "client_layers is FedRA's setting"),
+    (["--method", "fedpruner", "--set", "fedpruner.budgets=0.25x4"], "budgets"),
+    (["--method", "fedpruner", "--set", "fedpruner.grouping=random"], "fedpruner.grouping"),
 ])
 def test_bad_settings_stop_the_run_before_anything_starts(extra, message, tiny_model_dir, data,
                                                           tmp_path, started, capsys):

@@ -15,6 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
+from fedsoda.budgets import budgets_from_spec
 from fedsoda.data.public import wikitext_paragraphs
 from fedsoda.data.sources import MalformedDataError, data_dir, split_file
 from fedsoda.data.task import load_rows
@@ -113,6 +114,8 @@ def check_model(cfg: RunConfig) -> None:
     recipe = RECIPES.get(cfg.method)
     if recipe is not None:
         layout_plan(recipe, cfg.model, num_layers, cfg.prune)
+    elif cfg.method == "fedpruner":  # the budgets' form and count; their sizes need the model
+        budgets_from_spec(cfg.fedpruner.budgets, cfg.clients, full_peak=2**40)
     else:
         capacities(cfg.client_layers, cfg.clients, num_layers)
 

@@ -5,6 +5,7 @@ Message types it answers:
 - ``query.hello``: which client (partition id) this node is, how many examples it holds,
   and which of the run's files (by content hash) it already keeps;
 - ``query.deliver``: files it lacks, each checked against its hash, kept in its storage;
+- ``query.probe`` (FedPruner): the layers' CKA matrix and block influence on its own data;
 - ``train``: a ``TrainConfig`` (its assignment: layers held, layers trained, settings), the
   global LoRA of its trained layers (and the emulator LoRA when its copy is stale); replies
   with the trained LoRA, named by full-model layer, and the number of local examples.
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import zlib
 from functools import lru_cache
@@ -42,6 +44,7 @@ from fedsoda.federated.messages import (
     SHA256,
     DataSpec,
     MessageError,
+    ProbeConfig,
     TrainConfig,
     checked,
     from_record,
@@ -49,6 +52,7 @@ from fedsoda.federated.messages import (
     to_record,
 )
 from fedsoda.models import cache_dir
+from fedsoda.surgery.cka import cka_matrix
 from fedsoda.surgery.layered import load_layered
 from fedsoda.surgery.lora import (
     LoraSpec,
@@ -60,7 +64,8 @@ from fedsoda.surgery.lora import (
     to_local,
 )
 from fedsoda.surgery.quantize import load_client_weights
-from fedsoda.training import configure_threads, local_train
+from fedsoda.surgery.streamed import streamed_probe
+from fedsoda.training import collate, configure_threads, local_train
 
 app = ClientApp()
 CACHE_MIB = 256  # activation cache kept in memory; the rest spills to the client's storage
@@ -142,8 +147,8 @@ def deliver(message: Message, context: Context) -> Message:
     return Message(RecordDict({"metrics": MetricRecord({"ok": 1})}), reply_to=message)
 
 
-def model_folder(storage: Path, config: TrainConfig) -> Path:
-    """The assignment's files under their names, in a folder named by the model hash (hard
+def model_folder(storage: Path, config: TrainConfig | ProbeConfig) -> Path:
+    """The message's files under their names, in a folder named by the model hash (hard
     links to the stored blobs; built once, atomically)."""
     folder = storage / "models" / config.model_hash
     if (folder / ".complete").exists():
@@ -151,7 +156,8 @@ def model_folder(storage: Path, config: TrainConfig) -> Path:
     partial = folder.with_name(config.model_hash + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    for name, digest in config.assignment.files:
+    files = config.files if isinstance(config, ProbeConfig) else config.assignment.files
+    for name, digest in files:
         blob = blob_path(storage, digest)
         if not blob.is_file():
             raise FileNotFoundError(f"client {storage.name} lacks file {name} ({digest[:12]}); the "
@@ -241,6 +247,29 @@ def train(message: Message, context: Context) -> Message:
     update = to_full(result["state"], a.layers)
     return Message(RecordDict({"adapter": to_record(update), "metrics": metrics}),
                    reply_to=message)
+
+
+@app.query("probe")
+def probe(message: Message, context: Context) -> Message:
+    """FedPruner's similarity probe: the global model (base weights and the global LoRA sent
+    along), run one layer at a time on a seeded sample of this client's own examples, so its
+    memory holds one layer; replies with the layers' linear CKA matrix and block influence."""
+    config = ProbeConfig.from_record(message.content["config"])
+    pid = partition_id(context)
+    folder = model_folder(node_storage(pid), config)
+    examples = _examples(config.data, pid, data_path(context), str(folder))
+    rng = random.Random(zlib.crc32(json.dumps(["probe", config.data.seed, config.round, pid]).encode()))
+    picks = rng.sample(range(len(examples)), min(config.samples, len(examples)))
+    pad = tokenizer_pad_id(str(folder))
+    batches = [{k: v for k, v in collate([examples[i] for i in picks[start: start + 8]], pad).items()
+                if k != "labels"} for start in range(0, len(picks), 8)]
+    configure_threads()
+    result = streamed_probe(folder, config.num_layers, batches, lora=from_record(message.content["adapter"]),
+                            spec=config.lora, skip_first=config.skip_first, max_tokens=config.max_tokens)
+    arrays = {"similarity": cka_matrix(result.outputs).float(),
+              "influence": torch.tensor(result.influence, dtype=torch.float32)}
+    metrics = MetricRecord({"num_examples": len(examples), "tokens": result.tokens, "partition_id": pid})
+    return Message(RecordDict({"probe": to_record(arrays), "metrics": metrics}), reply_to=message)
 
 
 @lru_cache(maxsize=4)

@@ -22,6 +22,7 @@ import tomli_w
 
 from fedsoda.align.settings import AlignSettings
 from fedsoda.data.scheme import PartitionScheme
+from fedsoda.methods.pruner_settings import FedPrunerSettings
 from fedsoda.surgery.plan import PruneSettings
 
 TASKS = ("sst2", "boolq", "gsm8k")
@@ -59,6 +60,7 @@ class RunConfig:
     max_examples: int = 0
     prune: PruneSettings = field(default_factory=PruneSettings)
     align: AlignSettings = field(default_factory=AlignSettings)
+    fedpruner: FedPrunerSettings = field(default_factory=FedPrunerSettings)
 
     def __post_init__(self) -> None:
         # Deferred: fedsoda.methods loads torch, and `fedsoda --help` reads this module's fields.
@@ -98,7 +100,8 @@ class RunConfig:
 
 
 KINDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
-TABLES = {"prune": PruneSettings, "align": AlignSettings}  # [prune] and [align]
+TABLES = {"prune": PruneSettings, "align": AlignSettings,  # [prune], [align], [fedpruner]
+          "fedpruner": FedPrunerSettings}
 
 
 def field_types(cls) -> dict[str, type]:

@@ -81,6 +81,70 @@ class DataSpec:
         return cls(**{k: _field(record, f"data.{k}", t, "data settings") for k, t in kinds.items()})
 
 
+def files_hash(kind: str, quantization: str, files) -> str:
+    return hashlib.sha256(json.dumps([kind, quantization, sorted(map(list, files))]).encode()
+                          ).hexdigest()[:16]
+
+
+def _files(record, what: str) -> tuple[tuple[str, str], ...]:
+    names = [checked(n, FILE_NAME, "file name") for n in _field(record, "file_names", list, what)]
+    hashes = [checked(h, SHA256, "file hash") for h in _field(record, "file_hashes", list, what)]
+    if len(names) != len(hashes) or len(set(names)) != len(names):
+        raise MessageError(f"{what}: file names and hashes must pair up, one per name")
+    return tuple(zip(names, hashes, strict=True))
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """The ``config`` record of a probe message (FedPruner): run the global model, one layer
+    at a time, on ``samples`` of the client's own examples and report every layer pair's
+    linear CKA and every layer's block influence."""
+
+    run: str
+    round: int
+    files: tuple[tuple[str, str], ...]  # the layered model: config, base, every layer
+    num_layers: int
+    data: DataSpec
+    lora: LoraSpec
+    samples: int = 16
+    skip_first: bool = True
+    max_tokens: int = 2048
+
+    @property
+    def model_hash(self) -> str:
+        return files_hash("layers", "bf16", self.files)
+
+    def to_record(self) -> ConfigRecord:
+        record = self.data.to_record()
+        values = {"run": self.run, "round": self.round, "num_layers": self.num_layers,
+                  "file_names": [n for n, _ in self.files], "file_hashes": [h for _, h in self.files],
+                  "lora.r": self.lora.r, "lora.alpha": self.lora.alpha,
+                  "lora.dropout": float(self.lora.dropout), "lora.targets": list(self.lora.targets),
+                  "samples": self.samples, "skip_first": self.skip_first,
+                  "max_tokens": self.max_tokens}
+        for key, value in values.items():
+            record[key] = value
+        return record
+
+    @classmethod
+    def from_record(cls, record) -> ProbeConfig:
+        what = "probe config"
+        get = lambda key, kind: _field(record, key, kind, what)  # noqa: E731
+        try:
+            lora = LoraSpec(r=get("lora.r", int), alpha=get("lora.alpha", int),
+                            dropout=get("lora.dropout", float),
+                            targets=tuple(get("lora.targets", list)))
+        except (TypeError, ValueError) as error:
+            raise MessageError(f"{what}: {error}") from None
+        config = cls(run=checked(get("run", str), KEY, "run key"), round=get("round", int),
+                     files=_files(record, what), num_layers=get("num_layers", int),
+                     data=DataSpec.from_record(record), lora=lora, samples=get("samples", int),
+                     skip_first=get("skip_first", bool), max_tokens=get("max_tokens", int))
+        if min(config.num_layers, config.samples, config.max_tokens) < 1:
+            raise MessageError(f"{what}: num_layers, samples and max_tokens must be >= 1")
+        return config
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The ``config`` record of a train message: the client's assignment and the run's settings."""
@@ -97,8 +161,7 @@ class TrainConfig:
         """Names the client model built from the assignment's files (computed on each side
         from what the model is made of, so it is never a path part the server chose)."""
         a = self.assignment
-        return hashlib.sha256(json.dumps([a.kind, a.quantization, sorted(a.files)]).encode()
-                              ).hexdigest()[:16]
+        return files_hash(a.kind, a.quantization, a.files)
 
     def to_record(self) -> ConfigRecord:
         a = self.assignment
@@ -122,18 +185,15 @@ class TrainConfig:
         what = "train config"
         get = lambda key, kind: _field(record, key, kind, what)  # noqa: E731
         lists = {k: get(k, list) for k in ("layers", "trainable", "frozen_lora", "blocks",
-                                            "file_names", "file_hashes", "lora.targets")}
+                                            "lora.targets")}
         for key in ("layers", "trainable", "frozen_lora"):
             if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in lists[key]):
                 raise MessageError(f"{what}: {key!r} must list layer indices, got {lists[key]!r}")
-        names = [checked(n, FILE_NAME, "file name") for n in lists["file_names"]]
-        hashes = [checked(h, SHA256, "file hash") for h in lists["file_hashes"]]
-        if len(names) != len(hashes) or len(set(names)) != len(names):
-            raise MessageError(f"{what}: file names and hashes must pair up, one per name")
+        files = _files(record, what)
         try:
             assignment = Assignment(
                 layers=tuple(lists["layers"]), trainable=tuple(lists["trainable"]),
-                files=tuple(zip(names, hashes, strict=True)), kind=get("kind", str),
+                files=files, kind=get("kind", str),
                 quantization=get("quantization", str), frozen_lora=tuple(lists["frozen_lora"]),
                 blocks=tuple(lists["blocks"]), local_steps=get("local_steps", int),
                 batch_size=get("batch_size", int), lr=get("lr", float), mu=get("mu", float))

@@ -89,3 +89,32 @@ def screen_reply(content, client: int, expected: dict[str, torch.Tensor],
         return reason
     return Reply(client=client, update=update, num_examples=int(metrics["num_examples"]),
                  loss=float(loss))
+
+
+def screen_probe(content, client: int, num_layers: int, max_examples: int):
+    """``(client, similarity, influence, examples)`` of a sound probe reply (FedPruner), or why
+    it is rejected: a ``[L, L]`` symmetric CKA matrix with values in [0, 1] (a little float
+    slack), ``[L]`` finite non-negative influences, a declared example count."""
+    for name, kind in (("probe", ArrayRecord), ("metrics", MetricRecord)):
+        if name not in content or not isinstance(content[name], kind):
+            return f"probe reply without a {kind.__name__} {name!r} record"
+    try:
+        arrays = from_record(content["probe"])
+    except Exception as error:  # noqa: BLE001 - any decoding failure is the client's fault
+        return f"undecodable probe arrays ({type(error).__name__})"
+    similarity, influence = arrays.get("similarity"), arrays.get("influence")
+    if similarity is None or influence is None:
+        return "probe reply without 'similarity' and 'influence'"
+    if tuple(similarity.shape) != (num_layers, num_layers) or tuple(influence.shape) != (num_layers,):
+        return (f"probe shapes {tuple(similarity.shape)}, {tuple(influence.shape)} for a model of "
+                f"{num_layers} layers")
+    if not (torch.isfinite(similarity).all() and torch.isfinite(influence).all()):
+        return "non-finite probe values"
+    if similarity.min() < -1e-4 or similarity.max() > 1 + 1e-4 or influence.min() < 0 \
+            or not torch.allclose(similarity, similarity.T, atol=1e-5):
+        return "probe values outside what CKA and influence can be"
+    count = content["metrics"].get("num_examples") if "num_examples" in content["metrics"] else None
+    reason = screen_update({}, {}, count, max_examples)
+    if reason:
+        return reason
+    return client, similarity, influence, int(count)

@@ -31,15 +31,16 @@ from fedsoda.federated.checkpoint import ServerState, load_checkpoint, save_chec
 from fedsoda.federated.config import RunConfig, config_from_flat, with_method_schedule
 from fedsoda.federated.messages import (
     DataSpec,
+    ProbeConfig,
     TrainConfig,
     blobs_record,
     record_bytes,
     to_record,
 )
 from fedsoda.federated.report import RoundLog, RunProgress, write_summary
-from fedsoda.federated.screening import Reply, expected_update, screen_reply
+from fedsoda.federated.screening import Reply, expected_update, screen_probe, screen_reply
 from fedsoda.methods import get_method
-from fedsoda.methods.assignment import Assignment
+from fedsoda.methods.assignment import Assignment, ProbeRequest
 
 log = logging.getLogger("fedsoda.server")
 
@@ -193,6 +194,40 @@ def train_round(session: Session, state: ServerState, assignments: dict[int, Ass
     return sorted(accepted, key=lambda r: r.client)  # fixed order: bitwise-reproducible sums
 
 
+def probe_round(session: Session, state: ServerState, request: ProbeRequest, sampled: list[int],
+                round_log: RoundLog) -> list[tuple]:
+    """Ask the sampled clients to probe the global model (files they lack go first); returns
+    the screened ``(client, similarity, influence, examples)``, in client order."""
+    cfg = session.cfg
+    session.submodel_bytes += deliver(session.grid, session.clients,
+                                      {pid: request for pid in sampled}, session.paths)
+    config = ProbeConfig(run=run_key(cfg), round=state.round + 1, files=request.files,
+                         num_layers=request.num_layers, data=data_spec(cfg), lora=session.server.lora,
+                         samples=request.samples, skip_first=request.skip_first,
+                         max_tokens=request.max_tokens).to_record()
+    adapter = to_record(state.adapter)
+    messages = []
+    for pid in sampled:
+        round_log.down(adapter)
+        messages.append(Message(RecordDict({"config": config, "adapter": adapter}),
+                                dst_node_id=session.clients.node_of[pid], message_type="query.probe"))
+    client_of = {node: pid for pid, node in session.clients.node_of.items()}
+    accepted = []
+    for reply in session.grid.send_and_receive(messages):
+        pid = client_of.get(reply.metadata.src_node_id, -1)
+        if reply.has_error():
+            round_log.reject(pid, f"probe: client error: {reply.error.reason[-500:]}")
+            continue
+        if "probe" in reply.content and isinstance(reply.content["probe"], ArrayRecord):
+            round_log.up(reply.content["probe"])
+        result = screen_probe(reply.content, pid, request.num_layers, session.clients.declared.get(pid, 0))
+        if isinstance(result, str) or pid not in sampled or any(r[0] == pid for r in accepted):
+            round_log.reject(pid, f"probe: {result if isinstance(result, str) else 'unexpected reply'}")
+            continue
+        accepted.append(result)
+    return sorted(accepted, key=lambda r: r[0])
+
+
 def sample_clients(cfg: RunConfig, round_number: int) -> list[int]:
     """The clients of a round (``fedsoda data partition --rounds`` lists the same draw)."""
     return sample_round(cfg.seed, cfg.clients, cfg.clients_per_round, round_number)
@@ -203,9 +238,12 @@ def play_round(session: Session, state: ServerState) -> tuple[RoundLog, dict]:
     cfg, method, server = session.cfg, session.method, session.server
     began = time.perf_counter()
     sampled = sample_clients(cfg, state.round + 1)
+    round_log = RoundLog(state.round + 1)
+    request = method.probe_request(server, cfg, state) if hasattr(method, "probe_request") else None
+    if request is not None:  # FedPruner: the clients' view of the global model first
+        method.take_probes(server, cfg, state, probe_round(session, state, request, sampled, round_log))
     assignments = method.assign(server, cfg, state, sampled)
     session.submodel_bytes += deliver(session.grid, session.clients, assignments, session.paths)
-    round_log = RoundLog(state.round + 1)
     accepted = train_round(session, state, assignments, round_log)
     session.submodel_bytes += round_log.bytes_join
     if accepted:

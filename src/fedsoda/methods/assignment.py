@@ -61,6 +61,19 @@ class Assignment:
         return self.layers.index(layer)
 
 
+@dataclass(frozen=True)
+class ProbeRequest:
+    """What a method asks of sampled clients before it assigns (FedPruner): run the global
+    model one layer at a time on ``samples`` of their own examples and report every layer
+    pair's CKA and every layer's block influence."""
+
+    files: tuple[tuple[str, str], ...]  # the layered model (every layer): what a client needs
+    num_layers: int
+    samples: int = 16
+    skip_first: bool = True
+    max_tokens: int = 2048
+
+
 def capacities(spec: str, clients: int, num_layers: int) -> list[int]:
     """Layers each client can hold, from ``"KxCOUNT,..."`` (in client order) or ``""`` (all)."""
     if not spec.strip():

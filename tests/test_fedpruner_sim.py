@@ -1,0 +1,64 @@
+"""FedPruner end to end in the simulation engine on a tiny random model."""
+
+import json
+
+import pytest
+
+from fedsoda.federated.config import RunConfig
+from fedsoda.federated.simulation import simulate
+from fedsoda.methods.pruner_settings import FedPrunerSettings
+from test_federated_sim import tiny_config
+
+MiB = 2**20
+
+
+def calibrated(out, a_mib: float, b_mib: float) -> None:
+    """A run folder whose memory model is already calibrated (what a resumed run reads): the
+    tiny model's per-layer cost is far below RSS noise, so it cannot be measured."""
+    out.mkdir(parents=True)
+    (out / "budgets.json").write_text(json.dumps({
+        "memory_model": {"a": a_mib * MiB, "b": b_mib * MiB,
+                         "points": [[2, (a_mib + 2 * b_mib) * MiB], [4, (a_mib + 4 * b_mib) * MiB]]},
+        "full_model_peak_bytes": (a_mib + 10 * b_mib) * MiB}))
+
+
+def test_budgets_size_the_sub_models_and_the_probe_picks_one_layer_per_group(
+        tiny_model_dir, shared_data, tmp_path):
+    out = tmp_path / "fedpruner"
+    calibrated(out, a_mib=100, b_mib=10)
+    # peak(k) = 100 + 10 k MiB: 125 MiB holds 2 layers, 130 MiB 3, the full 200 MiB all 10.
+    cfg = tiny_config(tiny_model_dir, shared_data, out, method="fedpruner", clients=4,
+                      clients_per_round=4, rounds=2, eval_every=0,
+                      fedpruner=FedPrunerSettings(budgets="125MiBx2,130MiB,1.0", headroom=0.0))
+    summary = simulate(cfg)
+    state = json.loads((out / "checkpoint" / "state.json").read_text())["method"]
+    assert summary["client_layer_counts"] == [2, 2, 3, 10]
+    assert len(state["similarity"]) == 10 and state["probed_clients"] == [0, 1, 2, 3]
+    groups = {int(k): g for k, g in state["groups"].items()}
+    assert sorted(groups) == [2, 3, 10] and groups[10] == [[i] for i in range(10)]
+    for k, partition in groups.items():  # a partition of all ten layers into k groups
+        assert len(partition) == k and sorted(sum(partition, [])) == list(range(10))
+    for pid, layers in state["layers"].items():
+        k = summary["client_layer_counts"][int(pid)]
+        assert len(layers) == k and all(sum(layer in g for layer in layers) == 1 for g in groups[k])
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["rejected"] == [] for r in rounds)
+    assert sorted(summary["by_capacity"]) == ["10", "2", "3"]
+    assert summary["max_peak_over_budget"] > 0
+    assert sum(summary["layer_selections"]) == 2 * (2 + 2 + 3 + 10)  # two rounds of draws
+
+
+def test_a_budget_under_one_layer_names_the_smallest_that_works(tiny_model_dir, shared_data,
+                                                                 tmp_path):
+    out = tmp_path / "small"
+    calibrated(out, a_mib=100, b_mib=10)
+    cfg = tiny_config(tiny_model_dir, shared_data, out, method="fedpruner", clients=2,
+                      clients_per_round=2, rounds=1,
+                      fedpruner=FedPrunerSettings(budgets="105MiBx2", headroom=0.0))
+    with pytest.raises(Exception, match="110"):  # a + b = 110 MiB
+        simulate(cfg)
+
+
+def test_fedpruner_settings_are_checked():
+    with pytest.raises(ValueError, match="grouping"):
+        RunConfig(method="fedpruner", fedpruner=FedPrunerSettings(grouping="random"))
