@@ -148,3 +148,19 @@ def test_crafted_path_parts_never_reach_outside_the_client_storage(tmp_path, mon
     assert not (tmp_path / "outside").exists()
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert written == []  # nothing at all was written
+
+
+def test_probe_config_round_trips_and_refuses_crafted_names():
+    from fedsoda.federated.messages import ProbeConfig
+
+    config = ProbeConfig(run="0123456789abcdef", round=2, files=(("layer-000.safetensors", HASH),),
+                         num_layers=30, data=train_config().data, lora=LoraSpec(), samples=8)
+    assert ProbeConfig.from_record(config.to_record()) == config
+    record = config.to_record()
+    record["file_names"] = ["../../x"]
+    with pytest.raises(MessageError, match="file name"):
+        ProbeConfig.from_record(record)
+    record = config.to_record()
+    record["samples"] = 0
+    with pytest.raises(MessageError, match="must be >= 1"):
+        ProbeConfig.from_record(record)

@@ -86,6 +86,26 @@ def files_hash(kind: str, quantization: str, files) -> str:
                           ).hexdigest()[:16]
 
 
+def _record(data: DataSpec, lora: LoraSpec, files, values: dict) -> ConfigRecord:
+    """One config record: the data settings, the LoRA spec, the files and ``values``."""
+    record = data.to_record()
+    for key, value in {"lora.r": lora.r, "lora.alpha": lora.alpha,
+                       "lora.dropout": float(lora.dropout), "lora.targets": list(lora.targets),
+                       "file_names": [n for n, _ in files], "file_hashes": [h for _, h in files],
+                       **values}.items():
+        record[key] = value
+    return record
+
+
+def _lora(record, what: str) -> LoraSpec:
+    get = lambda key, kind: _field(record, key, kind, what)  # noqa: E731
+    try:
+        return LoraSpec(r=get("lora.r", int), alpha=get("lora.alpha", int),
+                        dropout=get("lora.dropout", float), targets=tuple(get("lora.targets", list)))
+    except (TypeError, ValueError) as error:
+        raise MessageError(f"{what}: {error}") from None
+
+
 def _files(record, what: str) -> tuple[tuple[str, str], ...]:
     names = [checked(n, FILE_NAME, "file name") for n in _field(record, "file_names", list, what)]
     hashes = [checked(h, SHA256, "file hash") for h in _field(record, "file_hashes", list, what)]
@@ -115,30 +135,18 @@ class ProbeConfig:
         return files_hash("layers", "bf16", self.files)
 
     def to_record(self) -> ConfigRecord:
-        record = self.data.to_record()
-        values = {"run": self.run, "round": self.round, "num_layers": self.num_layers,
-                  "file_names": [n for n, _ in self.files], "file_hashes": [h for _, h in self.files],
-                  "lora.r": self.lora.r, "lora.alpha": self.lora.alpha,
-                  "lora.dropout": float(self.lora.dropout), "lora.targets": list(self.lora.targets),
-                  "samples": self.samples, "skip_first": self.skip_first,
-                  "max_tokens": self.max_tokens}
-        for key, value in values.items():
-            record[key] = value
-        return record
+        return _record(self.data, self.lora, self.files, {
+            "run": self.run, "round": self.round, "num_layers": self.num_layers,
+            "samples": self.samples, "skip_first": self.skip_first, "max_tokens": self.max_tokens})
 
     @classmethod
     def from_record(cls, record) -> ProbeConfig:
         what = "probe config"
         get = lambda key, kind: _field(record, key, kind, what)  # noqa: E731
-        try:
-            lora = LoraSpec(r=get("lora.r", int), alpha=get("lora.alpha", int),
-                            dropout=get("lora.dropout", float),
-                            targets=tuple(get("lora.targets", list)))
-        except (TypeError, ValueError) as error:
-            raise MessageError(f"{what}: {error}") from None
         config = cls(run=checked(get("run", str), KEY, "run key"), round=get("round", int),
                      files=_files(record, what), num_layers=get("num_layers", int),
-                     data=DataSpec.from_record(record), lora=lora, samples=get("samples", int),
+                     data=DataSpec.from_record(record), lora=_lora(record, what),
+                     samples=get("samples", int),
                      skip_first=get("skip_first", bool), max_tokens=get("max_tokens", int))
         if min(config.num_layers, config.samples, config.max_tokens) < 1:
             raise MessageError(f"{what}: num_layers, samples and max_tokens must be >= 1")
@@ -165,27 +173,19 @@ class TrainConfig:
 
     def to_record(self) -> ConfigRecord:
         a = self.assignment
-        values = {"run": self.run, "round": self.round,
-                  "activation_cache": self.activation_cache,
-                  "lora.r": self.lora.r, "lora.alpha": self.lora.alpha,
-                  "lora.dropout": float(self.lora.dropout), "lora.targets": list(self.lora.targets),
-                  "layers": list(a.layers), "trainable": list(a.trainable),
-                  "frozen_lora": list(a.frozen_lora), "blocks": list(a.blocks),
-                  "file_names": [n for n, _ in a.files], "file_hashes": [h for _, h in a.files],
-                  "kind": a.kind, "quantization": a.quantization, "local_steps": a.local_steps,
-                  "batch_size": a.batch_size, "lr": float(a.lr), "mu": float(a.mu)}
-        record = self.data.to_record()
-        for key, value in values.items():
-            record[key] = value
-        return record
+        return _record(self.data, self.lora, a.files, {
+            "run": self.run, "round": self.round, "activation_cache": self.activation_cache,
+            "layers": list(a.layers), "trainable": list(a.trainable),
+            "frozen_lora": list(a.frozen_lora), "blocks": list(a.blocks), "kind": a.kind,
+            "quantization": a.quantization, "local_steps": a.local_steps,
+            "batch_size": a.batch_size, "lr": float(a.lr), "mu": float(a.mu)})
 
     @classmethod
     def from_record(cls, record) -> TrainConfig:
         """Read and check a train message's config; a MessageError says what is wrong."""
         what = "train config"
         get = lambda key, kind: _field(record, key, kind, what)  # noqa: E731
-        lists = {k: get(k, list) for k in ("layers", "trainable", "frozen_lora", "blocks",
-                                            "lora.targets")}
+        lists = {k: get(k, list) for k in ("layers", "trainable", "frozen_lora", "blocks")}
         for key in ("layers", "trainable", "frozen_lora"):
             if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in lists[key]):
                 raise MessageError(f"{what}: {key!r} must list layer indices, got {lists[key]!r}")
@@ -197,12 +197,10 @@ class TrainConfig:
                 quantization=get("quantization", str), frozen_lora=tuple(lists["frozen_lora"]),
                 blocks=tuple(lists["blocks"]), local_steps=get("local_steps", int),
                 batch_size=get("batch_size", int), lr=get("lr", float), mu=get("mu", float))
-            lora = LoraSpec(r=get("lora.r", int), alpha=get("lora.alpha", int),
-                            dropout=get("lora.dropout", float), targets=tuple(lists["lora.targets"]))
         except (TypeError, ValueError) as error:
             raise MessageError(f"{what}: {error}") from None
         return cls(run=checked(get("run", str), KEY, "run key"), round=get("round", int),
-                   assignment=assignment, data=DataSpec.from_record(record), lora=lora,
+                   assignment=assignment, data=DataSpec.from_record(record), lora=_lora(record, what),
                    activation_cache=get("activation_cache", bool))
 
 
