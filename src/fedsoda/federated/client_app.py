@@ -52,6 +52,7 @@ from fedsoda.federated.messages import (
     to_record,
 )
 from fedsoda.models import cache_dir
+from fedsoda.surgery.blocks import drop_blocks
 from fedsoda.surgery.cka import cka_matrix
 from fedsoda.surgery.layered import load_layered
 from fedsoda.surgery.lora import (
@@ -174,13 +175,15 @@ def model_folder(storage: Path, config: TrainConfig | ProbeConfig) -> Path:
 
 @lru_cache(maxsize=2)
 def _client_model(folder: str, kind: str, quantization: str, layers: tuple, lora_positions: tuple,
-                  spec: LoraSpec) -> torch.nn.Module:
+                  spec: LoraSpec, blocks: tuple = ()) -> torch.nn.Module:
     # One instance per process and model: LoRA tensors are loaded into it on every call.
     configure_threads()
     if kind == "folder":
         base = load_client_weights(folder, quantization)
     else:
         base = load_layered(folder, layers)
+    if set(blocks) - {"attn+mlp"}:
+        drop_blocks(base, blocks)  # before LoRA: dropped projections get none
     torch.manual_seed(0)  # every LoRA tensor is overwritten before training; reproducible anyway
     return attach_lora(base, list(lora_positions), spec)
 
@@ -203,8 +206,8 @@ def cache_enabled(config: TrainConfig) -> bool:
 def prepared_model(storage: Path, config: TrainConfig, content: RecordDict) -> torch.nn.Module:
     """The client model of the assignment holding the run's emulator LoRA and the global LoRA."""
     a = config.assignment
-    if set(a.blocks) - {"attn+mlp"}:
-        raise MessageError(f"this client cannot drop blocks within a layer (blocks {a.blocks})")
+    if a.blocks and a.kind != "layers":
+        raise MessageError("blocks can be dropped only from a layered client model")
     emulator = emulator_path(storage, config.run)
     if "emulator" in content:  # the run's first round here, or a realignment
         save_lora(from_record(content["emulator"]), emulator)
@@ -215,7 +218,7 @@ def prepared_model(storage: Path, config: TrainConfig, content: RecordDict) -> t
                                 "cleared during the run? Start the run afresh (a new --out).")
     folder = model_folder(storage, config)
     model = _client_model(str(folder), a.kind, a.quantization, a.layers,
-                          tuple(a.position(i) for i in a.lora_layers), config.lora)
+                          tuple(a.position(i) for i in a.lora_layers), config.lora, a.blocks)
     if a.frozen_lora:
         load_lora_state(model, to_local(read_lora(emulator), a.layers))
     load_lora_state(model, to_local(from_record(content["adapter"]), a.layers))

@@ -15,6 +15,7 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord
 
 from fedsoda.federated.messages import from_record
+from fedsoda.methods.assignment import Assignment
 from fedsoda.surgery.lora import layer_of
 
 
@@ -28,10 +29,18 @@ class Reply:
     loss: float
 
 
-def expected_update(global_state: dict[str, torch.Tensor], trainable) -> dict[str, torch.Tensor]:
-    """The tensors a client trained on ``trainable`` (full-model layers) must send back."""
+def expected_update(global_state: dict[str, torch.Tensor], trainable,
+                    assignment: Assignment | None = None) -> dict[str, torch.Tensor]:
+    """The tensors a client trained on ``trainable`` (full-model layers) must send back; with
+    an ``assignment`` that drops blocks, only those of the blocks it keeps."""
     wanted = set(trainable)
-    return {k: v for k, v in global_state.items() if layer_of(k) in wanted}
+    return {k: v for k, v in global_state.items() if layer_of(k) in wanted
+            and (assignment is None or assignment.holds(layer_of(k), block_of(k)))}
+
+
+def block_of(name: str) -> str:
+    """``"attn"`` or ``"mlp"``: the block a LoRA tensor's projection belongs to."""
+    return "attn" if ".self_attn." in name else "mlp"
 
 
 def screen_update(update: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],

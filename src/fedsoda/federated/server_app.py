@@ -145,7 +145,7 @@ def train_message(session: Session, state: ServerState, pid: int, assignment: As
     cfg = session.cfg
     config = TrainConfig(run=run_key(cfg), round=state.round + 1, assignment=assignment,
                          data=data_spec(cfg), lora=session.server.lora, activation_cache=cfg.activation_cache)
-    adapter = to_record(expected_update(state.adapter, assignment.trainable))
+    adapter = to_record(expected_update(state.adapter, assignment.trainable, assignment))
     content = RecordDict({"adapter": adapter, "config": config.to_record()})
     round_log.down(adapter)
     if assignment.frozen_lora and state.holders.get(str(pid), -1) < state.emulator_version:
@@ -179,7 +179,7 @@ def train_round(session: Session, state: ServerState, assignments: dict[int, Ass
         answered.add(pid)
         if "adapter" in reply.content and isinstance(reply.content["adapter"], ArrayRecord):
             round_log.up(reply.content["adapter"])  # what arrived counts, accepted or not
-        expected = expected_update(state.adapter, assignments[pid].trainable)
+        expected = expected_update(state.adapter, assignments[pid].trainable, assignments[pid])
         result = screen_reply(reply.content, pid, expected, session.clients.declared[pid])
         if isinstance(result, str):
             round_log.reject(pid, result)

@@ -60,6 +60,13 @@ class Assignment:
         """Where full-model layer ``layer`` sits in the client model."""
         return self.layers.index(layer)
 
+    def holds(self, layer: int, block: str) -> bool:
+        """Whether the client keeps ``block`` ("attn" or "mlp") of full-model ``layer``."""
+        if layer not in self.layers:
+            return False
+        kept = self.blocks[self.position(layer)] if self.blocks else "attn+mlp"
+        return block in kept.split("+")
+
 
 @dataclass(frozen=True)
 class ProbeRequest:
