@@ -31,3 +31,35 @@ def test_one_layer_at_a_time_gives_the_whole_models_outputs_and_influence(tmp_pa
     # The LoRA mattered: without it, layers 1 and 4 compute something else.
     plain = streamed_probe(tmp_path, 6, batches, max_tokens=None)
     assert not torch.allclose(plain.outputs[1], expected.outputs[1], atol=1e-4)
+
+
+def test_unit_outputs_are_the_stream_after_attention_and_after_the_mlp(tmp_path):
+    from fedsoda.models import decoder_layers
+    from fedsoda.surgery.cka import token_mask
+
+    save_layered(tiny_model(layers=3), tmp_path)
+    whole = load_layered(tmp_path, range(3), dtype=torch.float32)
+    batches = random_batches(count=1, batch=3, seq=12)
+    layers = decoder_layers(whole)
+    attn_out = {}
+    for i, layer in enumerate(layers):  # what attn(norm(h)) gives inside the whole model
+        layer.self_attn.register_forward_hook(lambda m, a, o, i=i: attn_out.__setitem__(i, o[0]))
+    with torch.no_grad():
+        states = whole(**batches[0], output_hidden_states=True, use_cache=False).hidden_states
+    mask = token_mask(batches[0]["attention_mask"], True)
+    layer_probe, units = streamed_probe(tmp_path, 3, batches, max_tokens=None, units=True)
+    assert layer_probe.tokens == int(mask.sum())
+    plain = streamed_probe(tmp_path, 3, batches, max_tokens=None)  # units leave layers as they were
+    for a, b in zip(plain.outputs, layer_probe.outputs, strict=True):
+        assert torch.equal(a, b)
+    for i, layer in enumerate(layers):
+        h = states[i]
+        middle = h + attn_out[i]  # by hand: h + attn(norm(h))
+        torch.testing.assert_close(units.attn_outputs[i], middle[mask].float(), rtol=1e-5, atol=1e-5)
+        with torch.no_grad():
+            after = middle + layer.mlp(layer.post_attention_layernorm(middle))
+        torch.testing.assert_close(units.mlp_outputs[i], after[mask].float(), rtol=1e-5, atol=1e-5)
+        cos = torch.nn.functional.cosine_similarity
+        expected = float((1 - cos(h[mask].double(), middle[mask].double(), dim=-1)).mean())
+        assert abs(units.attn_influence[i] - expected) < 1e-5
+    assert len(units.mlp_influence) == 3 and min(units.mlp_influence) > 0

@@ -65,14 +65,17 @@ def run_probe(module: str, arguments: list[str], what: str, env: dict | None = N
 
 
 def client_peak_memory(folder: Path | str, task: str, batch_size: int, max_tokens: int,
-                       data_dir: str | None, steps: int = 2, layers=None) -> int:
+                       data_dir: str | None, steps: int = 2, layers=None, blocks=None) -> int:
     """Peak memory of a client training step (fresh process) on the sub-LLM folder ``folder``,
     or, with ``layers``, on the client model of those full-model layers of the layered model
-    in ``folder`` (``fedsoda.surgery.layered``) with LoRA trained on all of them."""
+    in ``folder`` (``fedsoda.surgery.layered``) with LoRA trained on all of them; ``blocks``
+    (one ``Assignment.blocks`` string per layer) drops the blocks they do not keep first."""
     arguments = ["--folder", str(folder), "--task", task, "--batch-size", str(batch_size),
                  "--max-tokens", str(max_tokens), "--steps", str(steps)]
     if layers is not None:
         arguments += ["--layers", ",".join(str(i) for i in layers)]
+    if blocks:
+        arguments += ["--blocks", ",".join(blocks)]
     if data_dir:
         arguments += ["--data-dir", str(data_dir)]
     return int(run_probe("fedsoda.accounting", arguments, "memory probe")["peak_bytes"])
@@ -84,6 +87,7 @@ def _probe(args: argparse.Namespace) -> dict:
 
     from fedsoda.data.task import EncodedExamples, load_rows, pad_id
     from fedsoda.data.tasks import get_task
+    from fedsoda.surgery.blocks import drop_blocks
     from fedsoda.surgery.build import open_sub_llm
     from fedsoda.surgery.layered import load_layered
     from fedsoda.surgery.lora import attach_lora
@@ -105,7 +109,10 @@ def _probe(args: argparse.Namespace) -> dict:
         model, trainable = sub.model, sub.adapter_layers
     else:
         trainable = list(range(len(layers)))
-        model = attach_lora(load_layered(args.folder, layers), trainable)
+        base = load_layered(args.folder, layers)
+        if args.blocks:  # as the client builds it: blocks go before LoRA, so theirs is never made
+            drop_blocks(base, args.blocks.split(","))
+        model = attach_lora(base, trainable)
     local_train(model, trainable, examples, args.steps, args.batch_size, 1e-4, 0.01, 0,
                 pad_id(tokenizer))
     cuda = torch.cuda.is_available()
@@ -122,6 +129,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--layers", default=None, help="full-model layers of a layered model")
+    parser.add_argument("--blocks", default=None,
+                        help="per layer, the blocks it keeps (attn+mlp,mlp,attn); with --layers")
     print(json.dumps(_probe(parser.parse_args())))
 
 

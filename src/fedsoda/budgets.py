@@ -95,6 +95,71 @@ class MemoryModel:
                          f"MiB ({self.source} memory model)")
 
 
+@dataclass(frozen=True)
+class BlockMemoryModel:
+    """FedPruner+ (method notes 2.7): ``peak(K^A, K^F) = a + b_attn*K^A + b_mlp*K^F`` bytes
+    for a client model holding ``K^A`` attention and ``K^F`` MLP blocks, LoRA on all of them.
+
+    ``points`` holds the three ``(K^A, K^F, peak bytes)`` dry runs it was fitted to
+    (``calibrate_blocks``); ``headroom`` works as in ``MemoryModel``."""
+
+    a: float
+    b_attn: float  # bytes per attention block (its weights, LoRA, optimizer state, activations)
+    b_mlp: float  # bytes per MLP block
+    points: tuple[tuple[int, int, int], ...] = ()
+    headroom: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (self.b_attn > 0 and self.b_mlp > 0):
+            raise ValueError(f"a block memory model needs positive per-block costs, got "
+                             f"b_attn={self.b_attn:.0f}, b_mlp={self.b_mlp:.0f} bytes (points "
+                             f"{self.points}): the measurements are noise")
+        if not 0 <= self.headroom < 1:
+            raise ValueError(f"memory model headroom must be in [0, 1), got {self.headroom}")
+
+    def needs(self, k_attn: int, k_mlp: int) -> int:
+        """The smallest budget in bytes that holds the blocks: the peak plus the headroom."""
+        return math.ceil((self.a + self.b_attn * k_attn + self.b_mlp * k_mlp) * (1 + self.headroom))
+
+    def pairs_for(self, budget_bytes: int, num_layers: int) -> list[tuple[int, int]]:
+        """Every ``K^A`` in ``0..L`` with the largest ``K^F`` in ``0..L`` that fits the budget,
+        at least one block in all; an error naming the smallest budget if none fits."""
+        pairs = []
+        for k_attn in range(num_layers + 1):
+            fits = [k for k in range(num_layers, -1, -1) if self.needs(k_attn, k) <= budget_bytes]
+            if fits and k_attn + fits[0] >= 1:
+                pairs.append((k_attn, fits[0]))
+        if not pairs:
+            smallest = math.ceil(min(self.needs(1, 0), self.needs(0, 1)) / MiB * 10) / 10
+            raise ValueError(f"a memory budget of {budget_bytes / MiB:.1f} MiB cannot hold one "
+                             f"attention or MLP block: the smallest budget that works is "
+                             f"{smallest:.1f} MiB (block memory model)")
+        return pairs
+
+
+def calibrate_blocks(folder: Path | str, task: str, batch_size: int, max_tokens: int,
+                     data_dir: str | None, headroom: float = 0.0) -> BlockMemoryModel:
+    """Fit ``a``, ``b_attn``, ``b_mlp`` to three dry runs on all ``L`` layers of the layered
+    model in ``folder``: whole layers, MLP blocks only, attention blocks only. Three unknowns,
+    three runs, all at ``L`` so that RSS noise is divided by ``L``; the first is the
+    full-model peak that fractional budgets refer to (``points[0]``)."""
+    n = folder_num_layers(folder)
+    points = []
+    for keep, counts in (("attn+mlp", (n, n)), ("mlp", (0, n)), ("attn", (n, 0))):
+        peak = client_peak_memory(folder, task, batch_size, max_tokens, data_dir,
+                                  layers=list(range(n)), blocks=[keep] * n)
+        points.append((*counts, peak))
+    return fit_blocks(points, headroom)
+
+
+def fit_blocks(points, headroom: float = 0.0) -> BlockMemoryModel:
+    """The plane through three ``(K^A, K^F, peak)`` points: ``(L, L)``, ``(0, L)``, ``(L, 0)``."""
+    (n, _, whole), (_, _, mlp_only), (_, _, attn_only) = points
+    b_attn, b_mlp = (whole - mlp_only) / n, (whole - attn_only) / n
+    return BlockMemoryModel(a=mlp_only - b_mlp * n, b_attn=b_attn, b_mlp=b_mlp,
+                            points=tuple(map(tuple, points)), headroom=headroom)
+
+
 def spread_layers(k: int, num_layers: int) -> list[int]:
     """``k`` evenly spread full-model layers: the middle layer of each of ``k`` equal spans."""
     if not 1 <= k <= num_layers:

@@ -268,9 +268,16 @@ def probe(message: Message, context: Context) -> Message:
                 if k != "labels"} for start in range(0, len(picks), 8)]
     configure_threads()
     result = streamed_probe(folder, config.num_layers, batches, lora=from_record(message.content["adapter"]),
-                            spec=config.lora, skip_first=config.skip_first, max_tokens=config.max_tokens)
+                            spec=config.lora, skip_first=config.skip_first, max_tokens=config.max_tokens,
+                            units=config.units)
+    result, units = result if config.units else (result, None)
     arrays = {"similarity": cka_matrix(result.outputs).float(),
               "influence": torch.tensor(result.influence, dtype=torch.float32)}
+    if units is not None:  # FedPruner+: the attention and MLP blocks as units of their own
+        arrays.update(similarity_attn=cka_matrix(units.attn_outputs).float(),
+                      similarity_mlp=cka_matrix(units.mlp_outputs).float(),
+                      influence_attn=torch.tensor(units.attn_influence, dtype=torch.float32),
+                      influence_mlp=torch.tensor(units.mlp_influence, dtype=torch.float32))
     metrics = MetricRecord({"num_examples": len(examples), "tokens": result.tokens, "partition_id": pid})
     return Message(RecordDict({"probe": to_record(arrays), "metrics": metrics}), reply_to=message)
 

@@ -129,6 +129,7 @@ class ProbeConfig:
     samples: int = 16
     skip_first: bool = True
     max_tokens: int = 2048
+    units: bool = False  # FedPruner+: also the attention and MLP blocks' CKA and influence
 
     @property
     def model_hash(self) -> str:
@@ -137,7 +138,8 @@ class ProbeConfig:
     def to_record(self) -> ConfigRecord:
         return _record(self.data, self.lora, self.files, {
             "run": self.run, "round": self.round, "num_layers": self.num_layers,
-            "samples": self.samples, "skip_first": self.skip_first, "max_tokens": self.max_tokens})
+            "samples": self.samples, "skip_first": self.skip_first, "max_tokens": self.max_tokens,
+            "units": self.units})
 
     @classmethod
     def from_record(cls, record) -> ProbeConfig:
@@ -147,7 +149,8 @@ class ProbeConfig:
                      files=_files(record, what), num_layers=get("num_layers", int),
                      data=DataSpec.from_record(record), lora=_lora(record, what),
                      samples=get("samples", int),
-                     skip_first=get("skip_first", bool), max_tokens=get("max_tokens", int))
+                     skip_first=get("skip_first", bool), max_tokens=get("max_tokens", int),
+                     units=get("units", bool))
         if min(config.num_layers, config.samples, config.max_tokens) < 1:
             raise MessageError(f"{what}: num_layers, samples and max_tokens must be >= 1")
         return config

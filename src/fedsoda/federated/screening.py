@@ -100,10 +100,13 @@ def screen_reply(content, client: int, expected: dict[str, torch.Tensor],
                  loss=float(loss))
 
 
-def screen_probe(content, client: int, num_layers: int, max_examples: int):
+def screen_probe(content, client: int, num_layers: int, max_examples: int, units: bool = False):
     """``(client, similarity, influence, examples)`` of a sound probe reply (FedPruner), or why
     it is rejected: a ``[L, L]`` symmetric CKA matrix with values in [0, 1] (a little float
-    slack), ``[L]`` finite non-negative influences, a declared example count."""
+    slack), ``[L]`` finite non-negative influences, a declared example count. With ``units``
+    (FedPruner+) the attention and MLP blocks' matrices and influences must be there and sound
+    too, and come back stacked: similarity ``[3, L, L]`` and influence ``[3, L]``, in the order
+    layers, attention, MLP (stacked, the server's example-count average needs no change)."""
     for name, kind in (("probe", ArrayRecord), ("metrics", MetricRecord)):
         if name not in content or not isinstance(content[name], kind):
             return f"probe reply without a {kind.__name__} {name!r} record"
@@ -111,9 +114,28 @@ def screen_probe(content, client: int, num_layers: int, max_examples: int):
         arrays = from_record(content["probe"])
     except Exception as error:  # noqa: BLE001 - any decoding failure is the client's fault
         return f"undecodable probe arrays ({type(error).__name__})"
-    similarity, influence = arrays.get("similarity"), arrays.get("influence")
+    pairs = [("similarity", "influence")]
+    if units:
+        pairs += [("similarity_attn", "influence_attn"), ("similarity_mlp", "influence_mlp")]
+    for names in pairs:
+        reason = _probe_pair_reason(arrays.get(names[0]), arrays.get(names[1]), names, num_layers)
+        if reason:
+            return reason
+    similarity, influence = arrays["similarity"], arrays["influence"]
+    if units:
+        similarity = torch.stack([arrays[s] for s, _ in pairs])
+        influence = torch.stack([arrays[i] for _, i in pairs])
+    count = content["metrics"].get("num_examples") if "num_examples" in content["metrics"] else None
+    reason = screen_update({}, {}, count, max_examples)
+    if reason:
+        return reason
+    return client, similarity, influence, int(count)
+
+
+def _probe_pair_reason(similarity, influence, names: tuple[str, str], num_layers: int) -> str:
+    """Why a CKA matrix and its influences cannot be what a probe measured ("" if sound)."""
     if similarity is None or influence is None:
-        return "probe reply without 'similarity' and 'influence'"
+        return f"probe reply without {names[0]!r} and {names[1]!r}"
     if tuple(similarity.shape) != (num_layers, num_layers) or tuple(influence.shape) != (num_layers,):
         return (f"probe shapes {tuple(similarity.shape)}, {tuple(influence.shape)} for a model of "
                 f"{num_layers} layers")
@@ -122,8 +144,4 @@ def screen_probe(content, client: int, num_layers: int, max_examples: int):
     if similarity.min() < -1e-4 or similarity.max() > 1 + 1e-4 or influence.min() < 0 \
             or not torch.allclose(similarity, similarity.T, atol=1e-5):
         return "probe values outside what CKA and influence can be"
-    count = content["metrics"].get("num_examples") if "num_examples" in content["metrics"] else None
-    reason = screen_update({}, {}, count, max_examples)
-    if reason:
-        return reason
-    return client, similarity, influence, int(count)
+    return ""

@@ -204,7 +204,7 @@ def probe_round(session: Session, state: ServerState, request: ProbeRequest, sam
     config = ProbeConfig(run=run_key(cfg), round=state.round + 1, files=request.files,
                          num_layers=request.num_layers, data=data_spec(cfg), lora=session.server.lora,
                          samples=request.samples, skip_first=request.skip_first,
-                         max_tokens=request.max_tokens).to_record()
+                         max_tokens=request.max_tokens, units=request.units).to_record()
     adapter = to_record(state.adapter)
     messages = []
     for pid in sampled:
@@ -220,7 +220,8 @@ def probe_round(session: Session, state: ServerState, request: ProbeRequest, sam
             continue
         if "probe" in reply.content and isinstance(reply.content["probe"], ArrayRecord):
             round_log.up(reply.content["probe"])
-        result = screen_probe(reply.content, pid, request.num_layers, session.clients.declared.get(pid, 0))
+        result = screen_probe(reply.content, pid, request.num_layers, session.clients.declared.get(pid, 0),
+                              units=request.units)
         if isinstance(result, str) or pid not in sampled or any(r[0] == pid for r in accepted):
             round_log.reject(pid, f"probe: {result if isinstance(result, str) else 'unexpected reply'}")
             continue

@@ -72,13 +72,15 @@ class Assignment:
 class ProbeRequest:
     """What a method asks of sampled clients before it assigns (FedPruner): run the global
     model one layer at a time on ``samples`` of their own examples and report every layer
-    pair's CKA and every layer's block influence."""
+    pair's CKA and every layer's block influence; with ``units`` (FedPruner+) also those of
+    the attention and MLP blocks."""
 
     files: tuple[tuple[str, str], ...]  # the layered model (every layer): what a client needs
     num_layers: int
     samples: int = 16
     skip_first: bool = True
     max_tokens: int = 2048
+    units: bool = False
 
 
 def capacities(spec: str, clients: int, num_layers: int) -> list[int]:

@@ -2,7 +2,7 @@
 al. 2025, "Memory-Efficient Federated Fine-Tuning of Large Language Models via Layer
 Pruning", arXiv 2508.17209; method notes: ``../shared/papers/fedpruner-method.md``).
 
-Algorithm (layer level; FedPruner+ is not built yet):
+Algorithm (layer level, ``fedpruner.granularity = "layer"``; FedPruner+ below):
 - budgets: client ``i`` has a memory budget ``M_i`` (``[fedpruner] budgets``); a memory model
   ``peak(k) = a + b*k`` fitted to two measured dry runs (``fedsoda.budgets``; at ``L/5`` and
   all ``L`` layers, the latter being the full-model peak that fractional budgets refer to)
@@ -21,6 +21,15 @@ Algorithm (layer level; FedPruner+ is not built yet):
 - the client trains LoRA on its ``K_i`` layers (task loss + FedProx, AdamW), replies under
   full-model names; the server averages layer-wise (a layer nobody held keeps its LoRA);
 - the deliverable is the full model with every layer's global LoRA, exported as PEFT.
+FedPruner+ (``granularity = "block"``, method notes 2.7): the units are each layer's
+attention and MLP blocks. Memory is ``a + b_A K^A + b_F K^F`` (``fedsoda.budgets.
+BlockMemoryModel``, three dry runs: whole layers, MLP only, attention only); the probe also
+reports the CKA between the streams after every attention block and after every MLP block,
+and each block's influence; for every ``K^A`` in ``0..L`` with the largest ``K^F`` that fits,
+the attention units form ``K^A`` groups and the MLP units ``K^F`` groups (the configured
+partition), one representative each by influence, and the pair whose representatives have
+the largest summed influence is the client's: the layers holding any of them, each keeping
+only its chosen blocks (the others are removed on the client, so memory really drops).
 Sent per round: the global LoRA of every layer down for the probe, the CKA matrix and
 influence up; the client's layers' LoRA down and up; the model's layer files once.
 """
@@ -29,15 +38,17 @@ from __future__ import annotations
 
 import json
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from fedsoda.budgets import MemoryModel, budgets_from_spec, calibrate
+from fedsoda.budgets import BlockMemoryModel, MemoryModel, budgets_from_spec, calibrate, calibrate_blocks
 from fedsoda.methods import layered
 from fedsoda.methods.assignment import Assignment, ProbeRequest
 from fedsoda.methods.layered import Layered, after_round, evaluate, initial_state, load_state
+from fedsoda.surgery.blocks import units_to_blocks
 from fedsoda.surgery.grouping import (
     contiguous_groups,
     select_representatives,
@@ -52,6 +63,8 @@ __all__ = ["after_round", "assign", "evaluate", "initial_state", "load_state", "
 def _capacity(cfg, out: Path, total: int, folder: Path) -> tuple[list[int], dict]:
     """Layers per client from its budget, and the calibration (cached in ``budgets.json``, so
     a resumed run sizes its clients as before without measuring again)."""
+    if cfg.fedpruner.granularity == "block":
+        return _block_capacity(cfg, out, total, folder)
     cached = out / "budgets.json"
     if cached.exists():
         notes = json.loads(cached.read_text())
@@ -68,6 +81,29 @@ def _capacity(cfg, out: Path, total: int, folder: Path) -> tuple[list[int], dict
                         points=tuple(map(tuple, fitted["points"])), headroom=cfg.fedpruner.headroom)
     layers = [model.layers_for(m, total) for m in budgets]  # an error below one layer
     notes.update(budgets=budgets, layers=layers)
+    cached.write_text(json.dumps(notes, indent=1) + "\n")
+    return layers, notes
+
+
+def _block_capacity(cfg, out: Path, total: int, folder: Path) -> tuple[list[int], dict]:
+    """FedPruner+: per client its feasible ``(K^A, K^F)`` pairs, from the block memory model
+    (cached in ``budgets.json`` like the layer one); the capacity is the most layers any of
+    its pairs can touch."""
+    cached = out / "budgets.json"
+    if cached.exists():
+        notes = json.loads(cached.read_text())
+    else:
+        model = calibrate_blocks(folder, cfg.task, cfg.batch_size, cfg.max_tokens, cfg.data_folder)
+        notes = {"block_memory_model": {"a": model.a, "b_attn": model.b_attn, "b_mlp": model.b_mlp,
+                                        "points": model.points},
+                 "full_model_peak_bytes": model.points[0][2]}
+    budgets = budgets_from_spec(cfg.fedpruner.budgets, cfg.clients, notes["full_model_peak_bytes"])
+    fitted = notes["block_memory_model"]
+    model = BlockMemoryModel(a=fitted["a"], b_attn=fitted["b_attn"], b_mlp=fitted["b_mlp"],
+                             points=tuple(map(tuple, fitted["points"])), headroom=cfg.fedpruner.headroom)
+    pairs = [model.pairs_for(m, total) for m in budgets]  # an error below one block
+    layers = [max(max(p) for p in mine) for mine in pairs]
+    notes.update(budgets=budgets, layers=layers, unit_pairs=pairs)
     cached.write_text(json.dumps(notes, indent=1) + "\n")
     return layers, notes
 
@@ -91,7 +127,8 @@ def probe_request(server: Layered, cfg, state) -> ProbeRequest | None:
         return None
     return ProbeRequest(files=layered.files_of(server, range(server.num_layers)),
                         num_layers=server.num_layers, samples=cfg.fedpruner.probe_samples,
-                        skip_first=cfg.fedpruner.skip_first)
+                        skip_first=cfg.fedpruner.skip_first,
+                        units=cfg.fedpruner.granularity == "block")
 
 
 def take_probes(server: Layered, cfg, state,
@@ -118,6 +155,8 @@ def assign(server: Layered, cfg, state, sampled: list[int]) -> dict[int, Assignm
     if "similarity" not in state.method:
         raise RuntimeError("FedPruner has no layer similarity yet: no client answered the "
                            "probe (see the rejected replies in the log)")
+    if cfg.fedpruner.granularity == "block":
+        return _assign_blocks(server, cfg, state, sampled)
     similarity = np.array(state.method["similarity"])
     influence = state.method["influence"]
     chosen, groups_by_k = {}, {}
@@ -127,13 +166,50 @@ def assign(server: Layered, cfg, state, sampled: list[int]) -> dict[int, Assignm
             groups_by_k[k] = groups_for(cfg, similarity, k)
         groups = groups_by_k[k]
         probabilities = selection_probabilities(influence, groups)
-        rng = np.random.default_rng(zlib.crc32(json.dumps([cfg.seed, state.round + 1, pid]).encode()))
+        rng = _client_rng(cfg, state, pid)
         chosen[pid] = tuple(sorted(select_representatives(probabilities, groups,
                                                           mode=cfg.fedpruner.selection, rng=rng)))
     state.method["groups"] = {str(k): g for k, g in sorted(groups_by_k.items())}
     state.method["layers"] = {str(pid): list(layers) for pid, layers in chosen.items()}
     state.method.setdefault("history", {})[str(state.round + 1)] = state.method["layers"]
     return {pid: layered.assignment(server, cfg, layers) for pid, layers in chosen.items()}
+
+
+def _client_rng(cfg, state, pid: int) -> np.random.Generator:
+    return np.random.default_rng(zlib.crc32(json.dumps([cfg.seed, state.round + 1, pid]).encode()))
+
+
+def _assign_blocks(server: Layered, cfg, state, sampled: list[int]) -> dict[int, Assignment]:
+    """FedPruner+: per client the ``(K^A, K^F)`` pair whose representative units have the
+    largest summed influence; its layers keep only their chosen blocks."""
+    similarity = np.array(state.method["similarity"])  # [3, L, L]: layers, attention, MLP
+    influence = np.array(state.method["influence"])  # [3, L]
+    groups = {}  # (kind, k) -> partition, shared by the clients of a round
+    chosen = {}
+    for pid in sampled:
+        rng, best = _client_rng(cfg, state, pid), None
+        for pair in server.notes["unit_pairs"][pid]:
+            units = []
+            for kind, block, k in ((1, "attn", pair[0]), (2, "mlp", pair[1])):
+                if k == 0:
+                    continue
+                if (kind, k) not in groups:
+                    groups[kind, k] = groups_for(cfg, similarity[kind], k)
+                probabilities = selection_probabilities(influence[kind], groups[kind, k])
+                units += [(layer, block) for layer in select_representatives(
+                    probabilities, groups[kind, k], mode=cfg.fedpruner.selection, rng=rng)]
+            score = sum(influence[1 if block == "attn" else 2][layer] for layer, block in units)
+            if best is None or score > best[0]:  # ties: the pair with fewer attention blocks
+                best = (score, units)
+        chosen[pid] = units_to_blocks(best[1])
+    state.method["groups"] = {f"{'attn' if kind == 1 else 'mlp'}{k}": g
+                              for (kind, k), g in sorted(groups.items())}
+    state.method["layers"] = {str(pid): list(layers) for pid, (layers, _) in chosen.items()}
+    state.method["blocks"] = {str(pid): list(blocks) for pid, (_, blocks) in chosen.items()}
+    state.method.setdefault("history", {})[str(state.round + 1)] = state.method["layers"]
+    state.method.setdefault("block_history", {})[str(state.round + 1)] = state.method["blocks"]
+    return {pid: replace(layered.assignment(server, cfg, layers), blocks=blocks)
+            for pid, (layers, blocks) in chosen.items()}
 
 
 def summary(server: Layered, cfg, state, out: Path, task, rows: list[dict]) -> dict:
@@ -150,7 +226,33 @@ def summary(server: Layered, cfg, state, out: Path, task, rows: list[dict]) -> d
     for round_layers in state.method.get("history", {}).values():
         for layers in round_layers.values():
             counts[layers] += 1
+    extra = {"memory_model": notes.get("memory_model")}
+    if cfg.fedpruner.granularity == "block":
+        extra = _block_summary(server, cfg, state)
+        ratios = extra.pop("ratios")
     return {**own, "budgets_bytes": notes["budgets"], "client_layer_counts": notes["layers"],
-            "memory_model": notes["memory_model"], "full_model_peak_bytes": notes["full_model_peak_bytes"],
+            "full_model_peak_bytes": notes["full_model_peak_bytes"], **extra,
             "max_peak_over_budget": max(ratios.values()), "layer_selections": counts.tolist(),
             "groups": state.method.get("groups", {})}
+
+
+def _block_summary(server: Layered, cfg, state) -> dict:
+    """FedPruner+: the last round's sub-models measured as the clients built them (blocks
+    dropped), each against its client's budget; how often each unit was chosen."""
+    from fedsoda.accounting import client_peak_memory  # runs a probe process
+
+    peaks, ratios = {}, {}
+    for pid, layers in state.method.get("layers", {}).items():
+        blocks = state.method["blocks"][pid]
+        peaks[pid] = client_peak_memory(server.folder, cfg.task, cfg.batch_size, cfg.max_tokens,
+                                        cfg.data_folder, layers=layers, blocks=blocks)
+        ratios[pid] = peaks[pid] / server.notes["budgets"][int(pid)]
+    units = np.zeros((server.num_layers, 2), dtype=int)  # columns: attention, MLP
+    for round_number, round_layers in state.method.get("history", {}).items():
+        for pid, layers in round_layers.items():
+            for layer, keep in zip(layers, state.method["block_history"][round_number][pid], strict=True):
+                units[layer] += ["attn" in keep, "mlp" in keep]
+    return {"ratios": ratios or {"none": 0.0}, "granularity": "block",
+            "block_memory_model": server.notes["block_memory_model"],
+            "unit_pairs": server.notes["unit_pairs"], "last_round_peak_bytes": peaks,
+            "last_round_blocks": state.method.get("blocks", {}), "unit_selections": units.tolist()}

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 GROUPINGS = ("spectral", "contiguous")
 SELECTIONS = ("argmax", "sample")
+GRANULARITIES = ("layer", "block")
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,9 @@ class FedPrunerSettings:
     skip_first: bool = True  # leave each sample's first token out of CKA (attention sink)
     grouping: str = "spectral"  # the paper's graph-Laplacian partition, or "contiguous" (DP)
     selection: str = "argmax"  # one layer per group: most important, or sampled by probability
+    # "layer": FedPruner, whole decoder layers; "block": FedPruner+ (method notes 2.7), each
+    # layer's attention and MLP blocks are units, grouped and picked separately.
+    granularity: str = "layer"
 
     def __post_init__(self) -> None:
         if self.grouping not in GROUPINGS or self.selection not in SELECTIONS:
@@ -31,5 +35,8 @@ class FedPrunerSettings:
                              f"of {SELECTIONS}, got {self.grouping!r}, {self.selection!r}")
         if not 0 <= self.headroom < 1:
             raise ValueError(f"fedpruner.headroom must be in [0, 1), got {self.headroom}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"fedpruner.granularity must be one of {GRANULARITIES}, got "
+                             f"{self.granularity!r}")
         if min(self.reselect_every, self.probe_samples) < 1:
             raise ValueError("fedpruner.reselect_every and probe_samples must be >= 1")

@@ -32,7 +32,8 @@ other reference) holding a dropped weight keeps it alive.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -166,6 +167,27 @@ def drop_blocks(model: nn.Module, blocks: Sequence[str]) -> nn.Module:
     if not any(_has_block(layer, "attn") for layer in layers):
         _turn_off_cache(unwrap(model))
     return model
+
+
+@contextmanager
+def blocks_dropped(model: nn.Module, blocks: Sequence[str]) -> Iterator[nn.Module]:
+    """``drop_blocks`` for the duration of a ``with``, then the very modules put back: a
+    layer can be run without a block and then whole again (FedPruner+'s probe measures the
+    residual stream after attention as the layer's output with its MLP dropped, which is
+    exact by the module docstring's argument for every family)."""
+    layers = decoder_layers(model)
+    names = _BLOCK_MODULES[_family(model)]
+    saved = [(layer, name, getattr(layer, name)) for layer in layers
+             for block in UNITS for name in names[block]]
+    config = unwrap(model).config
+    use_cache = config.use_cache
+    drop_blocks(model, blocks)
+    try:
+        yield model
+    finally:
+        for layer, name, module in saved:
+            setattr(layer, name, module)
+        config.use_cache = use_cache
 
 
 def _turn_off_cache(model: nn.Module) -> None:

@@ -12,6 +12,7 @@ sequence, and nothing else crosses layers but the hidden state.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from fedsoda.models import decoder_layers, unwrap
+from fedsoda.surgery.blocks import blocks_dropped
 from fedsoda.surgery.cka import LayerProbe, token_mask
 from fedsoda.surgery.layered import layer_file, load_layered
 from fedsoda.surgery.lora import LoraSpec, attach_lora, load_lora_state, to_local
@@ -39,12 +41,27 @@ def _wrapped_name(layer: nn.Module, key: str) -> str:
     return f"{module}.base_layer.{param}" if hasattr(layer.get_submodule(module), "base_layer") else key
 
 
+@dataclass(frozen=True)
+class UnitProbe:
+    """FedPruner+'s units (method notes 2.7), per layer at the same chosen tokens as the
+    ``LayerProbe``: the residual stream right after the attention block (``h + attn(norm(h))``)
+    and right after the MLP block (the layer's output), and each block's influence, 1 - cos
+    of that block's input and output stream."""
+
+    attn_outputs: list[torch.Tensor]
+    mlp_outputs: list[torch.Tensor]
+    attn_influence: list[float]
+    mlp_influence: list[float]
+
+
 def streamed_probe(folder: Path | str, num_layers: int, batches: Iterable[dict],
                    lora: dict[str, torch.Tensor] | None = None, spec: LoraSpec = LoraSpec(),
                    paths: dict[str, Path] | None = None, skip_first: bool = True,
-                   max_tokens: int | None = 2048, seed: int = 0) -> LayerProbe:
+                   max_tokens: int | None = 2048, seed: int = 0, units: bool = False):
     """Every layer's output at the chosen tokens and its block influence (as
-    ``fedsoda.surgery.cka.probe_layers`` reports them for a whole model), holding one layer.
+    ``fedsoda.surgery.cka.probe_layers`` reports them for a whole model), holding one layer;
+    with ``units``, ``(LayerProbe, UnitProbe)``: each layer is also run with its MLP dropped
+    (the same modules, put back after), which gives the stream after its attention block.
 
     ``lora`` holds full-model-named LoRA tensors for any layers (the global LoRA); a layer
     without any runs without LoRA.
@@ -55,31 +72,50 @@ def streamed_probe(folder: Path | str, num_layers: int, batches: Iterable[dict],
     base = unwrap(model).model
     batches = list(batches)
     masks = [token_mask(b["attention_mask"], skip_first) for b in batches]
+    tokens = sum(int(m.sum()) for m in masks)
+    if tokens == 0:
+        raise ValueError("no tokens to measure: every sample is padding (or one token long "
+                         "with skip_first)")
+    run = lambda hidden: [base(inputs_embeds=h, attention_mask=b["attention_mask"],  # noqa: E731
+                               use_cache=False).last_hidden_state
+                          for h, b in zip(hidden, batches, strict=True)]
+    picked = lambda hidden: torch.cat([h[m].double() for h, m in zip(hidden, masks, strict=True)])  # noqa: E731
+    found = {"out": [], "inf": [], "attn": [], "attn_inf": [], "mlp_inf": []}
     with torch.no_grad():
         hidden = [base.embed_tokens(b["input_ids"]) for b in batches]
-        outputs, influence, tokens = [], [], sum(int(m.sum()) for m in masks)
-        if tokens == 0:
-            raise ValueError("no tokens to measure: every sample is padding (or one token long "
-                             "with skip_first)")
         norm, base.norm = base.norm, nn.Identity()  # the layer's raw output, not normed
         try:
             for index in range(num_layers):
                 _load_layer(model, where(layer_file(index)))
                 _load_layer_lora(model, lora or {}, index)
-                out = [base(inputs_embeds=h, attention_mask=b["attention_mask"],
-                            use_cache=False).last_hidden_state for h, b in zip(hidden, batches, strict=True)]
-                before = torch.cat([h[m].double() for h, m in zip(hidden, masks, strict=True)])
-                after = torch.cat([o[m].double() for o, m in zip(out, masks, strict=True)])
-                influence.append(float((1.0 - nn.functional.cosine_similarity(
-                    before, after, dim=-1, eps=1e-12)).sum() / tokens))
-                outputs.append(after.float())
+                out = run(hidden)
+                before, after = picked(hidden), picked(out)
+                found["inf"].append(_influence(before, after, tokens))
+                found["out"].append(after.float())
+                if units:
+                    with blocks_dropped(model, ("attn",)):
+                        middle = picked(run(hidden))
+                    found["attn"].append(middle.float())
+                    found["attn_inf"].append(_influence(before, middle, tokens))
+                    found["mlp_inf"].append(_influence(middle, after, tokens))
                 hidden = out
         finally:
             base.norm = norm
+    outputs, attn = found["out"], found["attn"]
     if max_tokens is not None and tokens > max_tokens:
         rows = torch.randperm(tokens, generator=torch.Generator().manual_seed(seed))[:max_tokens]
         outputs = [x[rows.sort().values] for x in outputs]
-    return LayerProbe(outputs=outputs, influence=influence, tokens=tokens)
+        attn = [x[rows.sort().values] for x in attn]
+    layer_probe = LayerProbe(outputs=outputs, influence=found["inf"], tokens=tokens)
+    if not units:
+        return layer_probe
+    return layer_probe, UnitProbe(attn_outputs=attn, mlp_outputs=outputs,
+                                  attn_influence=found["attn_inf"], mlp_influence=found["mlp_inf"])
+
+
+def _influence(before: torch.Tensor, after: torch.Tensor, tokens: int) -> float:
+    return float((1.0 - nn.functional.cosine_similarity(before, after, dim=-1, eps=1e-12)).sum()
+                 / tokens)
 
 
 def _load_layer_lora(model: nn.Module, lora: dict[str, torch.Tensor], index: int) -> None:

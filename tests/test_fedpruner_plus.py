@@ -1,0 +1,111 @@
+"""FedPruner+ (``fedpruner.granularity = "block"``): the block memory model, the unit probe
+reply's screening, and a run in the simulation engine on a tiny random model."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedsoda.accounting import client_peak_memory
+from fedsoda.budgets import BlockMemoryModel, fit_blocks
+from fedsoda.federated.config import RunConfig
+from fedsoda.federated.simulation import simulate
+from fedsoda.methods.pruner_settings import FedPrunerSettings
+from fedsoda.surgery.layered import save_layered
+from test_federated_sim import tiny_config
+
+MiB = 2**20
+
+
+def test_the_block_fit_goes_through_its_three_runs_and_lists_the_feasible_pairs():
+    # peak = 100 + 4 K^A + 6 K^F MiB on a 10-layer model, measured at (10,10), (0,10), (10,0).
+    model = fit_blocks([(10, 10, 200 * MiB), (0, 10, 160 * MiB), (10, 0, 140 * MiB)])
+    assert (model.a, model.b_attn, model.b_mlp) == (100 * MiB, 4 * MiB, 6 * MiB)
+    pairs = model.pairs_for(130 * MiB, 10)  # 4 K^A + 6 K^F <= 30
+    assert pairs == [(0, 5), (1, 4), (2, 3), (3, 3), (4, 2), (5, 1), (6, 1), (7, 0)]
+    assert model.pairs_for(200 * MiB, 10)[-1] == (10, 10)
+    assert BlockMemoryModel(a=100 * MiB, b_attn=4 * MiB, b_mlp=6 * MiB).pairs_for(104 * MiB, 10) == [(1, 0)]
+    with pytest.raises(ValueError, match="104.0"):  # a + b_attn: the smallest that works
+        model.pairs_for(103 * MiB, 10)
+    with pytest.raises(ValueError, match="positive"):
+        fit_blocks([(10, 10, 200 * MiB), (0, 10, 200 * MiB), (10, 0, 140 * MiB)])
+
+
+def test_a_real_probe_runs_with_blocks_dropped(tiny_model_dir, shared_data, tmp_path):
+    from fedsoda.models import load
+
+    full, tokenizer = load(str(tiny_model_dir))
+    save_layered(full, tmp_path / "layered", tokenizer)
+    peak = client_peak_memory(tmp_path / "layered", "sst2", 4, 48, str(shared_data),
+                              layers=[1, 4, 7], blocks=["attn+mlp", "mlp", "attn"])
+    assert peak > 0
+
+
+def calibrated(out, a_mib: float, attn_mib: float, mlp_mib: float) -> None:
+    """A run folder whose block memory model is already calibrated: the tiny model's costs
+    are far below RSS noise, so they cannot be measured."""
+    out.mkdir(parents=True)
+    full = (a_mib + 10 * attn_mib + 10 * mlp_mib) * MiB
+    (out / "budgets.json").write_text(json.dumps({
+        "block_memory_model": {"a": a_mib * MiB, "b_attn": attn_mib * MiB, "b_mlp": mlp_mib * MiB,
+                               "points": [[10, 10, full], [0, 10, full - 10 * attn_mib * MiB],
+                                          [10, 0, full - 10 * mlp_mib * MiB]]},
+        "full_model_peak_bytes": full}))
+
+
+def test_clients_get_layers_without_some_blocks_and_a_dropped_blocks_lora_stays(
+        tiny_model_dir, shared_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDSODA_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "fedpruner-plus"
+    calibrated(out, a_mib=100, attn_mib=4, mlp_mib=6)  # 130 MiB: 4 K^A + 6 K^F <= 30
+    cfg = tiny_config(tiny_model_dir, shared_data, out, method="fedpruner", clients=3,
+                      clients_per_round=3, rounds=1, eval_every=0,
+                      fedpruner=FedPrunerSettings(budgets="130MiBx2,150MiB", headroom=0.0,
+                                                  granularity="block"))
+    summary = simulate(cfg)
+    state = json.loads((out / "checkpoint" / "state.json").read_text())["method"]
+    assert len(state["similarity"]) == 3 and len(state["similarity"][1]) == 10  # layers, attn, MLP
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["rejected"] == [] for r in rounds)
+    held = set()
+    for pid, blocks in state["blocks"].items():
+        layers = state["layers"][pid]
+        units = [(layer, b) for layer, keep in zip(layers, blocks, strict=True) for b in keep.split("+")]
+        k_attn = sum(b == "attn" for _, b in units)
+        k_mlp = len(units) - k_attn
+        assert (k_attn, k_mlp) in [tuple(p) for p in summary["unit_pairs"][int(pid)]]  # feasible
+        held |= set(units)
+    assert any(keep != "attn+mlp" for blocks in state["blocks"].values() for keep in blocks)
+    adapter = load_file(str(out / "checkpoint" / "adapter.safetensors"))
+    block_of = lambda key: "attn" if ".self_attn." in key else "mlp"  # noqa: E731
+    dropped = [k for k in adapter if "lora_B" in k
+               and (int(k.split(".layers.")[1].split(".")[0]), block_of(k)) not in held]
+    kept = [k for k in adapter if "lora_B" in k and k not in dropped]
+    assert dropped and kept
+    assert all(torch.count_nonzero(adapter[k]) == 0 for k in dropped)  # still the initial B = 0
+    assert all(torch.count_nonzero(adapter[k]) > 0 for k in kept)  # trained by their holders
+    assert summary["granularity"] == "block" and summary["max_peak_over_budget"] > 0
+
+
+def test_granularity_is_checked():
+    with pytest.raises(ValueError, match="granularity"):
+        RunConfig(method="fedpruner", fedpruner=FedPrunerSettings(granularity="head"))
+
+
+def test_a_unit_probe_reply_needs_sound_block_arrays():
+    from flwr.app import MetricRecord
+
+    from fedsoda.federated.messages import to_record
+    from fedsoda.federated.screening import screen_probe
+
+    eye, ones = torch.eye(4), torch.full((4,), 0.1)
+    arrays = {"similarity": eye, "influence": ones, "similarity_attn": eye,
+              "influence_attn": ones, "similarity_mlp": eye, "influence_mlp": ones}
+    reply = lambda a: {"probe": to_record(a), "metrics": MetricRecord({"num_examples": 5})}  # noqa: E731
+    client, similarity, influence, count = screen_probe(reply(arrays), 2, 4, 10, units=True)
+    assert (client, tuple(similarity.shape), tuple(influence.shape), count) == (2, (3, 4, 4), (3, 4), 5)
+    assert tuple(screen_probe(reply(arrays), 2, 4, 10)[1].shape) == (4, 4)  # layer level as before
+    missing = {k: v for k, v in arrays.items() if k != "influence_mlp"}
+    assert "influence_mlp" in screen_probe(reply(missing), 2, 4, 10, units=True)
+    assert "outside" in screen_probe(reply({**arrays, "similarity_attn": 2 * eye}), 2, 4, 10, units=True)
