@@ -157,8 +157,7 @@ def model_folder(storage: Path, config: TrainConfig | ProbeConfig) -> Path:
     partial = folder.with_name(config.model_hash + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    files = config.files if isinstance(config, ProbeConfig) else config.assignment.files
-    for name, digest in files:
+    for name, digest in config.files:
         blob = blob_path(storage, digest)
         if not blob.is_file():
             raise FileNotFoundError(f"client {storage.name} lacks file {name} ({digest[:12]}); the "
@@ -203,8 +202,10 @@ def cache_enabled(config: TrainConfig) -> bool:
     return config.activation_cache
 
 
-def prepared_model(storage: Path, config: TrainConfig, content: RecordDict) -> torch.nn.Module:
-    """The client model of the assignment holding the run's emulator LoRA and the global LoRA."""
+def prepared_model(storage: Path, config: TrainConfig,
+                   content: RecordDict) -> tuple[torch.nn.Module, Path]:
+    """The client model of the assignment holding the run's emulator LoRA and the global LoRA,
+    and the folder it was built from."""
     a = config.assignment
     if a.blocks and a.kind != "layers":
         raise MessageError("blocks can be dropped only from a layered client model")
@@ -222,7 +223,7 @@ def prepared_model(storage: Path, config: TrainConfig, content: RecordDict) -> t
     if a.frozen_lora:
         load_lora_state(model, to_local(read_lora(emulator), a.layers))
     load_lora_state(model, to_local(from_record(content["adapter"]), a.layers))
-    return model
+    return model, folder
 
 
 @app.train()
@@ -230,8 +231,7 @@ def train(message: Message, context: Context) -> Message:
     config = TrainConfig.from_record(message.content["config"])
     a, pid = config.assignment, partition_id(context)
     storage = node_storage(pid)
-    model = prepared_model(storage, config, message.content)
-    folder = model_folder(storage, config)
+    model, folder = prepared_model(storage, config, message.content)
     examples = _examples(config.data, pid, data_path(context), str(folder))
     cache = None
     if cache_enabled(config):

@@ -174,6 +174,10 @@ class TrainConfig:
         a = self.assignment
         return files_hash(a.kind, a.quantization, a.files)
 
+    @property
+    def files(self) -> tuple[tuple[str, str], ...]:
+        return self.assignment.files
+
     def to_record(self) -> ConfigRecord:
         a = self.assignment
         return _record(self.data, self.lora, a.files, {

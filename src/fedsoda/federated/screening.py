@@ -62,6 +62,12 @@ def screen_update(update: dict[str, torch.Tensor], expected: dict[str, torch.Ten
             return f"{key}: dtype {tensor.dtype} != torch.float32"
         if not torch.isfinite(tensor).all():
             return f"{key}: non-finite values"
+    return count_reason(num_examples, max_examples)
+
+
+def count_reason(num_examples, max_examples: int) -> str | None:
+    """Why a reported example count is unsound (not a whole number in ``1..max_examples``,
+    what the client declared), or None."""
     if isinstance(num_examples, bool) or not isinstance(num_examples, (int, float)) \
             or not math.isfinite(num_examples):
         return f"example count {num_examples!r} is not a number"
@@ -126,7 +132,7 @@ def screen_probe(content, client: int, num_layers: int, max_examples: int, units
         similarity = torch.stack([arrays[s] for s, _ in pairs])
         influence = torch.stack([arrays[i] for _, i in pairs])
     count = content["metrics"].get("num_examples") if "num_examples" in content["metrics"] else None
-    reason = screen_update({}, {}, count, max_examples)
+    reason = count_reason(count, max_examples)
     if reason:
         return reason
     return client, similarity, influence, int(count)

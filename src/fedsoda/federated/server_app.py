@@ -138,6 +138,14 @@ class Session:
     submodel_bytes: int  # one-time downloads so far
 
 
+def exchange(session: Session, messages: list[Message]):
+    """Send ``messages``; yield each reply with the client id of the node that sent it (-1
+    for a node that serves no client of this run)."""
+    client_of = {node: pid for pid, node in session.clients.node_of.items()}
+    for reply in session.grid.send_and_receive(messages):
+        yield client_of.get(reply.metadata.src_node_id, -1), reply
+
+
 def train_message(session: Session, state: ServerState, pid: int, assignment: Assignment,
                   round_log: RoundLog) -> Message:
     """One client's train message: its assignment, its layers' global LoRA, and the
@@ -165,10 +173,8 @@ def train_round(session: Session, state: ServerState, assignments: dict[int, Ass
     """Send train messages; return the accepted replies, screened per assignment."""
     messages = [train_message(session, state, pid, a, round_log)
                 for pid, a in sorted(assignments.items())]
-    client_of = {node: pid for pid, node in session.clients.node_of.items()}
     accepted, errors, answered = [], [], set()
-    for reply in session.grid.send_and_receive(messages):
-        pid = client_of.get(reply.metadata.src_node_id, -1)
+    for pid, reply in exchange(session, messages):
         if reply.has_error():
             errors.append(reply.error.reason)
             round_log.reject(pid, f"client error: {reply.error.reason[-500:]}")
@@ -211,10 +217,8 @@ def probe_round(session: Session, state: ServerState, request: ProbeRequest, sam
         round_log.down(adapter)
         messages.append(Message(RecordDict({"config": config, "adapter": adapter}),
                                 dst_node_id=session.clients.node_of[pid], message_type="query.probe"))
-    client_of = {node: pid for pid, node in session.clients.node_of.items()}
     accepted = []
-    for reply in session.grid.send_and_receive(messages):
-        pid = client_of.get(reply.metadata.src_node_id, -1)
+    for pid, reply in exchange(session, messages):
         if reply.has_error():
             round_log.reject(pid, f"probe: client error: {reply.error.reason[-500:]}")
             continue
