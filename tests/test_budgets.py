@@ -63,6 +63,14 @@ def test_a_budget_of_the_calibrated_full_peak_holds_every_layer():
     model = MemoryModel(a=p1 - 6 * b, b=b, source="measured", points=((6, p1), (30, p2)))
     assert model.peak(30) == p2 and model.layers_for(p2, 30) == 30
     assert model.layers_for(p2 - 1, 30) == 29
+    # With a 5% headroom a prediction of 30 layers needs 973.4 MB, but 30 layers were
+    # measured at 927.0 MB: a budget of that measurement holds them; a byte less gets the
+    # prediction's answer, the most k with (a + b k) * 1.05 <= p2 - 1 (b = 29.0 MB, a = 57.0
+    # MB): k = 28 (869.0 MB * 1.05 = 912.5 MB; 29: 898.0 MB * 1.05 = 942.9 MB > 927 MB).
+    guarded = MemoryModel(a=p1 - 6 * b, b=b, source="measured", points=((6, p1), (30, p2)),
+                          headroom=0.05)
+    assert guarded.layers_for(p2, 30) == 30
+    assert guarded.layers_for(p2 - 1, 30) == 28
 
 
 def test_a_non_positive_slope_or_an_unknown_source_is_refused():

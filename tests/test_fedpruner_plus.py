@@ -26,6 +26,12 @@ def test_the_block_fit_goes_through_its_three_runs_and_lists_the_feasible_pairs(
     assert pairs == [(0, 5), (1, 4), (2, 3), (3, 3), (4, 2), (5, 1), (6, 1), (7, 0)]
     assert model.pairs_for(200 * MiB, 10)[-1] == (10, 10)
     assert BlockMemoryModel(a=100 * MiB, b_attn=4 * MiB, b_mlp=6 * MiB).pairs_for(104 * MiB, 10) == [(1, 0)]
+    # With a 10% headroom the plane says (10, 10) needs 220 MiB, but it was measured at 200:
+    # a 200 MiB budget holds every block; 199 MiB gets the plane's answer, whose best pair
+    # with K^A = 10 is K^F = 7 (100 + 40 + 42 = 182 MiB * 1.1 = 200.2 > 199; K^F = 6: 193.6).
+    guarded = fit_blocks([(10, 10, 200 * MiB), (0, 10, 160 * MiB), (10, 0, 140 * MiB)], headroom=0.1)
+    assert guarded.pairs_for(200 * MiB, 10)[-1] == (10, 10)
+    assert guarded.pairs_for(199 * MiB, 10)[-1] == (10, 6)
     with pytest.raises(ValueError, match="104.0"):  # a + b_attn: the smallest that works
         model.pairs_for(103 * MiB, 10)
     with pytest.raises(ValueError, match="positive"):
@@ -86,6 +92,9 @@ def test_clients_get_layers_without_some_blocks_and_a_dropped_blocks_lora_stays(
     assert all(torch.count_nonzero(adapter[k]) == 0 for k in dropped)  # still the initial B = 0
     assert all(torch.count_nonzero(adapter[k]) > 0 for k in kept)  # trained by their holders
     assert summary["granularity"] == "block" and summary["max_peak_over_budget"] > 0
+    for pid, entry in summary["clients_by_round"]["1"].items():  # measured as built, blocks dropped
+        assert entry["blocks"] == state["blocks"][pid] and entry["peak_bytes"] > 0
+        assert entry["probe_peak_bytes"] == summary["probe_peak_bytes"]
 
 
 def test_granularity_is_checked():

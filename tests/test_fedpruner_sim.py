@@ -5,6 +5,7 @@ import json
 import pytest
 
 from fedsoda.federated.config import RunConfig
+from fedsoda.federated.report import selection_counts
 from fedsoda.federated.simulation import simulate
 from fedsoda.methods.pruner_settings import FedPrunerSettings
 from test_federated_sim import tiny_config
@@ -44,8 +45,22 @@ def test_budgets_size_the_sub_models_and_the_probe_picks_one_layer_per_group(
     rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["rejected"] == [] for r in rounds)
     assert sorted(summary["by_capacity"]) == ["10", "2", "3"]
-    assert summary["max_peak_over_budget"] > 0
     assert sum(summary["layer_selections"]) == 2 * (2 + 2 + 3 + 10)  # two rounds of draws
+    # Every round, every client: its budget, layers, the measured peak of its layer count and
+    # of the probe it ran; the summary's worst ratio is the largest of them.
+    table = summary["clients_by_round"]
+    assert sorted(table) == ["1", "2"] and all(sorted(r) == ["0", "1", "2", "3"] for r in table.values())
+    budgets = [125 * MiB, 125 * MiB, 130 * MiB, 200 * MiB]
+    ratios = []
+    for entry_by_client in table.values():
+        for pid, entry in entry_by_client.items():
+            k = len(entry["layers"])
+            assert entry["budget_bytes"] == budgets[int(pid)]
+            assert entry["peak_bytes"] == summary["by_capacity"][str(k)]["client_peak_memory_bytes"]
+            assert entry["probe_peak_bytes"] == summary["probe_peak_bytes"] > 0
+            ratios.append(max(entry["peak_bytes"], entry["probe_peak_bytes"]) / budgets[int(pid)])
+    assert summary["max_peak_over_budget"] == pytest.approx(max(ratios))
+    assert (out / "selection.png").stat().st_size > 0  # CKA matrix beside the layer x round map
 
 
 def test_a_budget_under_one_layer_names_the_smallest_that_works(tiny_model_dir, shared_data,
@@ -62,3 +77,12 @@ def test_a_budget_under_one_layer_names_the_smallest_that_works(tiny_model_dir, 
 def test_fedpruner_settings_are_checked():
     with pytest.raises(ValueError, match="grouping"):
         RunConfig(method="fedpruner", fedpruner=FedPrunerSettings(grouping="random"))
+
+
+def test_selection_counts_by_hand():
+    summary = {"layer_selections": [0] * 4, "clients_by_round": {
+        "1": {"0": {"layers": [0, 2]}, "1": {"layers": [2, 3]}},
+        "2": {"0": {"layers": [1, 2], "blocks": ["attn", "attn+mlp"]}}}}
+    assert selection_counts(summary).tolist() == [[1, 0], [0, 1], [2, 1], [1, 0]]
+    assert selection_counts(summary, "mlp").tolist() == [[1, 0], [0, 0], [2, 1], [1, 0]]
+    assert selection_counts(summary, "attn").tolist() == [[1, 0], [0, 1], [2, 1], [1, 0]]

@@ -81,6 +81,44 @@ def client_peak_memory(folder: Path | str, task: str, batch_size: int, max_token
     return int(run_probe("fedsoda.accounting", arguments, "memory probe")["peak_bytes"])
 
 
+def similarity_peak_memory(folder: Path | str, task: str, samples: int, max_tokens: int,
+                           data_dir: str | None, units: bool = False) -> int:
+    """Peak memory (fresh process) of FedPruner's similarity probe on the layered model in
+    ``folder``, as a client runs it: ``samples`` examples through the model one layer at a
+    time with the global LoRA of every layer in hand, then the CKA matrices."""
+    arguments = ["--folder", str(folder), "--task", task, "--max-tokens", str(max_tokens),
+                 "--similarity", str(samples)]
+    if units:
+        arguments.append("--units")
+    if data_dir:
+        arguments += ["--data-dir", str(data_dir)]
+    return int(run_probe("fedsoda.accounting", arguments, "similarity memory probe")["peak_bytes"])
+
+
+def _similarity(args: argparse.Namespace, examples, pad: int) -> None:
+    """What a client's probe handler holds and computes (``federated.client_app.probe``)."""
+    import torch
+
+    from fedsoda.surgery.cka import cka_matrix
+    from fedsoda.surgery.layered import load_layered
+    from fedsoda.surgery.lora import attach_lora, lora_state, to_full
+    from fedsoda.surgery.streamed import streamed_probe
+    from fedsoda.training import probe_batches
+
+    num_layers = json.loads((Path(args.folder) / "config.json").read_text())["num_hidden_layers"]
+    # The global LoRA of every layer arrives with the message: tensors of its real shapes.
+    one = lora_state(attach_lora(load_layered(args.folder, [0]), [0]), [0])
+    lora = {}
+    for index in range(num_layers):
+        lora.update({k: torch.randn_like(v) for k, v in to_full(one, [index]).items()})
+    result = streamed_probe(args.folder, num_layers, probe_batches(list(examples), pad), lora=lora,
+                            units=args.units)
+    layers, units = result if args.units else (result, None)
+    cka_matrix(layers.outputs)
+    if units is not None:
+        cka_matrix(units.attn_outputs), cka_matrix(units.mlp_outputs)
+
+
 def _probe(args: argparse.Namespace) -> dict:
     import torch
     from transformers import AutoTokenizer
@@ -96,14 +134,18 @@ def _probe(args: argparse.Namespace) -> dict:
     configure_threads()  # idle cores only: oversubscribed threads make the probe crawl
     task = get_task(args.task)
     layers = [int(i) for i in args.layers.split(",")] if args.layers else None
-    tokenizer = AutoTokenizer.from_pretrained(Path(args.folder) / ("model" if layers is None else ""))
+    layered = layers is not None or args.similarity  # a layered folder holds its tokenizer
+    tokenizer = AutoTokenizer.from_pretrained(Path(args.folder) / ("" if layered else "model"))
     # Examples of the evaluation split, which the server holds: it never reads clients'
     # training data, and a step's peak depends only on the examples' form and length.
-    rows = load_rows(task, task.eval_split, args.data_dir)[: args.batch_size * 4]
+    rows = load_rows(task, task.eval_split, args.data_dir)[: args.similarity or args.batch_size * 4]
     examples = EncodedExamples(task, rows, tokenizer, args.max_tokens)
     # The window opens after the data set is read: parsing every training row is not part of
     # a training step, and its transient peak would otherwise count.
     baseline = start_peak_window()
+    if args.similarity:
+        _similarity(args, examples, pad_id(tokenizer))
+        return {"peak_bytes": peak_bytes(False, baseline), "device": "cpu", "baseline_bytes": baseline}
     if layers is None:
         sub = open_sub_llm(args.folder)
         model, trainable = sub.model, sub.adapter_layers
@@ -131,6 +173,9 @@ def main() -> None:
     parser.add_argument("--layers", default=None, help="full-model layers of a layered model")
     parser.add_argument("--blocks", default=None,
                         help="per layer, the blocks it keeps (attn+mlp,mlp,attn); with --layers")
+    parser.add_argument("--similarity", type=int, default=0, metavar="SAMPLES",
+                        help="measure FedPruner's similarity probe on this many examples instead")
+    parser.add_argument("--units", action="store_true", help="with --similarity: FedPruner+'s")
     print(json.dumps(_probe(parser.parse_args())))
 
 

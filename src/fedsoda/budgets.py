@@ -81,13 +81,21 @@ class MemoryModel:
         return math.ceil((self.a + self.b * k) * (1 + self.headroom)) if self.headroom \
             else self.peak(k)
 
+    def measured_fit(self, k: int, budget_bytes: int) -> bool:
+        """Whether ``k`` layers were measured (a calibration point) at or under the budget.
+
+        A measured point needs no headroom against a prediction's error: fractional budgets
+        are defined by the full-model point, so a budget of ``1.0`` holds the full model (the
+        clients FedLoRA-exclusive lets take part), not ``L - 2`` layers."""
+        return any(pk == k and peak <= budget_bytes for pk, peak in self.points)
+
     def layers_for(self, budget_bytes: int, num_layers: int) -> int:
         """The largest ``k`` in ``1..num_layers`` whose predicted peak (with the headroom)
-        fits the budget."""
+        fits the budget, or whose measured peak does."""
         if num_layers < 1:
             raise ValueError(f"a model has at least one layer, got num_layers={num_layers}")
         for k in range(num_layers, 0, -1):
-            if self.needs(k) <= budget_bytes:
+            if self.needs(k) <= budget_bytes or self.measured_fit(k, budget_bytes):
                 return k
         smallest = math.ceil(self.needs(1) / MiB * 10) / 10
         raise ValueError(f"a memory budget of {budget_bytes / MiB:.1f} MiB cannot hold a client "
@@ -121,12 +129,18 @@ class BlockMemoryModel:
         """The smallest budget in bytes that holds the blocks: the peak plus the headroom."""
         return math.ceil((self.a + self.b_attn * k_attn + self.b_mlp * k_mlp) * (1 + self.headroom))
 
+    def measured_fit(self, k_attn: int, k_mlp: int, budget_bytes: int) -> bool:
+        """Whether these block counts were measured (a calibration point) within the budget:
+        as in ``MemoryModel.measured_fit``, a budget of ``1.0`` holds every block."""
+        return any((ka, kf) == (k_attn, k_mlp) and peak <= budget_bytes for ka, kf, peak in self.points)
+
     def pairs_for(self, budget_bytes: int, num_layers: int) -> list[tuple[int, int]]:
         """Every ``K^A`` in ``0..L`` with the largest ``K^F`` in ``0..L`` that fits the budget,
         at least one block in all; an error naming the smallest budget if none fits."""
         pairs = []
         for k_attn in range(num_layers + 1):
-            fits = [k for k in range(num_layers, -1, -1) if self.needs(k_attn, k) <= budget_bytes]
+            fits = [k for k in range(num_layers, -1, -1) if self.needs(k_attn, k) <= budget_bytes
+                    or self.measured_fit(k_attn, k, budget_bytes)]
             if fits and k_attn + fits[0] >= 1:
                 pairs.append((k_attn, fits[0]))
         if not pairs:

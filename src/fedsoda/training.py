@@ -44,6 +44,12 @@ def collate(encoded: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def probe_batches(encoded: list[dict[str, list[int]]], pad_id: int, size: int = 8) -> list[dict]:
+    """The similarity probe's inputs (FedPruner): batches of ``size`` examples, no labels."""
+    return [{k: v for k, v in collate(encoded[start: start + size], pad_id).items() if k != "labels"}
+            for start in range(0, len(encoded), size)]
+
+
 def answer_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean cross-entropy over answer tokens; the LM head runs only where labels exist."""
     base = unwrap(model)

@@ -21,7 +21,7 @@ from fedsoda.data.sources import MalformedDataError, data_dir, split_file
 from fedsoda.data.task import load_rows
 from fedsoda.data.tasks import get_task
 from fedsoda.federated.config import RunConfig, field_types, load_config
-from fedsoda.methods import RECIPES
+from fedsoda.methods import BUDGETED, RECIPES
 from fedsoda.methods.assignment import capacities
 from fedsoda.methods.client_model import layout_plan
 from fedsoda.models import load_config as model_config
@@ -114,7 +114,7 @@ def check_model(cfg: RunConfig) -> None:
     recipe = RECIPES.get(cfg.method)
     if recipe is not None:
         layout_plan(recipe, cfg.model, num_layers, cfg.prune)
-    elif cfg.method == "fedpruner":  # the budgets' form and count; their sizes need the model
+    elif cfg.method in BUDGETED:  # the budgets' form and count; their sizes need the model
         budgets_from_spec(cfg.fedpruner.budgets, cfg.clients, full_peak=2**40)
     else:
         capacities(cfg.client_layers, cfg.clients, num_layers)

@@ -66,7 +66,7 @@ from fedsoda.surgery.lora import (
 )
 from fedsoda.surgery.quantize import load_client_weights
 from fedsoda.surgery.streamed import streamed_probe
-from fedsoda.training import collate, configure_threads, local_train
+from fedsoda.training import configure_threads, local_train, probe_batches
 
 app = ClientApp()
 CACHE_MIB = 256  # activation cache kept in memory; the rest spills to the client's storage
@@ -264,8 +264,7 @@ def probe(message: Message, context: Context) -> Message:
     rng = random.Random(zlib.crc32(json.dumps(["probe", config.data.seed, config.round, pid]).encode()))
     picks = rng.sample(range(len(examples)), min(config.samples, len(examples)))
     pad = tokenizer_pad_id(str(folder))
-    batches = [{k: v for k, v in collate([examples[i] for i in picks[start: start + 8]], pad).items()
-                if k != "labels"} for start in range(0, len(picks), 8)]
+    batches = probe_batches([examples[i] for i in picks], pad)
     configure_threads()
     result = streamed_probe(folder, config.num_layers, batches, lora=from_record(message.content["adapter"]),
                             spec=config.lora, skip_first=config.skip_first, max_tokens=config.max_tokens,

@@ -83,6 +83,9 @@ class RunConfig:
         if self.client_layers and self.method != "fedra":
             raise ValueError(f"client_layers is FedRA's setting; method {self.method} gives every "
                              "client the same model")
+        if self.method == "fedlora_exclusive" and self.fedpruner.granularity != "layer":
+            raise ValueError("fedlora_exclusive trains whole layers: fedpruner.granularity must "
+                             f"be \"layer\", got {self.fedpruner.granularity!r}")
         from fedsoda.methods.assignment import capacities
 
         capacities(self.client_layers, self.clients, num_layers=10**6)  # format and count

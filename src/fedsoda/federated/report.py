@@ -6,6 +6,7 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 from flwr.app import ArrayRecord
 
 from fedsoda.federated.messages import blobs_record, record_bytes, record_params, to_record
@@ -124,6 +125,51 @@ def plot_curve(metrics: list[dict], path: Path, title: str) -> None:
     plt.close(figure)
 
 
+def selection_counts(summary: dict, block: str | None = None) -> np.ndarray:
+    """``[layer, round]``: how many of the round's clients held each layer (with ``block``,
+    "attn" or "mlp", kept that block of it), from a FedPruner summary's ``clients_by_round``."""
+    table = summary["clients_by_round"]
+    counts = np.zeros((len(summary["layer_selections"]), max(map(int, table), default=0)), dtype=int)
+    for number, clients in table.items():
+        for entry in clients.values():
+            blocks = entry.get("blocks") or ["attn+mlp"] * len(entry["layers"])
+            for layer, keep in zip(entry["layers"], blocks, strict=True):
+                counts[layer, int(number) - 1] += block is None or block in keep
+    return counts
+
+
+def plot_selection(summary: dict, path: Path, title: str) -> None:
+    """FedPruner's picture: the averaged CKA matrix the groups came from, beside how often
+    each layer (FedPruner+: each attention and MLP block) was chosen in each round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    similarity = np.array(summary["similarity"])
+    blocks = summary.get("granularity") == "block"
+    maps = [("attention blocks", selection_counts(summary, "attn")),
+            ("MLP blocks", selection_counts(summary, "mlp"))] if blocks else [
+        ("layers", selection_counts(summary))]
+    figure, axes = plt.subplots(1, 1 + len(maps), figsize=(5 + 4.5 * len(maps), 4.4))
+    shown = axes[0].imshow(similarity[0] if blocks else similarity, vmin=0, vmax=1, cmap="viridis")
+    axes[0].set_title("averaged linear CKA (last probe)")
+    axes[0].set_xlabel("layer")
+    axes[0].set_ylabel("layer")
+    figure.colorbar(shown, ax=axes[0], shrink=0.8)
+    for axis, (label, counts) in zip(axes[1:], maps, strict=True):
+        heat = axis.imshow(counts, aspect="auto", cmap="magma", origin="upper",
+                           extent=(0.5, counts.shape[1] + 0.5, counts.shape[0] - 0.5, -0.5))
+        axis.set_title(f"clients holding each of the {label}")
+        axis.set_xlabel("round")
+        axis.set_ylabel("layer")
+        figure.colorbar(heat, ax=axis, shrink=0.8)
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def write_summary(cfg, out: Path, method, server, state, task, rows, wall_seconds: float) -> dict:
     """``summary.json``: the run's figures (same definitions for every method) and what the
     method reports of its clients (``method.summary``); also exports the adapter."""
@@ -151,4 +197,6 @@ def write_summary(cfg, out: Path, method, server, state, task, rows, wall_second
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_curve(metrics, out / "curve.png", f"{cfg.method} on {cfg.task}, {cfg.clients} clients")
+    if summary.get("clients_by_round") and summary.get("similarity"):  # FedPruner
+        plot_selection(summary, out / "selection.png", f"{cfg.method} on {cfg.task}, seed {cfg.seed}")
     return summary

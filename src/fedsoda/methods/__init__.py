@@ -10,12 +10,17 @@ RECIPES: dict[str, Recipe] = {m.RECIPE.name: m.RECIPE for m in (fedpetuning, fed
 
 # Every method by name, in the order of the FedSODA paper's tables (baselines, then FedSODA).
 # Not every method has a Recipe: code that needs one looks it up in RECIPES.
-ORDER: tuple[str, ...] = ("fedpetuning", "fedot", "fedbiot", "fedsoda", "fedra", "fedpruner")
+ORDER: tuple[str, ...] = ("fedpetuning", "fedot", "fedbiot", "fedsoda", "fedra", "fedlora_exclusive",
+                          "fedpruner")
 # Display titles: each recipe module's TITLE (a method's module is named after it); methods
 # whose module loads torch are titled here, so that this registry stays light for the CLI.
 TITLES: dict[str, str] = {**{m.__name__.rsplit(".", 1)[-1]: m.TITLE
                              for m in (fedpetuning, fedot, fedbiot, fedsoda)},
-                          "fedra": "FedRA", "fedpruner": "FedPruner"}
+                          "fedra": "FedRA", "fedlora_exclusive": "FedLoRA-exclusive",
+                          "fedpruner": "FedPruner"}
+
+# Methods whose clients are sized by memory budgets ([fedpruner] budgets, fedsoda.budgets).
+BUDGETED: tuple[str, ...] = ("fedpruner", "fedlora_exclusive")
 
 
 def get_recipe(name: str) -> Recipe:

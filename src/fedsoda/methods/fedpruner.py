@@ -60,9 +60,10 @@ __all__ = ["after_round", "assign", "evaluate", "initial_state", "load_state", "
            "probe_request", "summary", "take_probes"]
 
 
-def _capacity(cfg, out: Path, total: int, folder: Path) -> tuple[list[int], dict]:
+def budget_capacity(cfg, out: Path, total: int, folder: Path) -> tuple[list[int], dict]:
     """Layers per client from its budget, and the calibration (cached in ``budgets.json``, so
-    a resumed run sizes its clients as before without measuring again)."""
+    a resumed run sizes its clients as before without measuring again). FedLoRA-exclusive
+    sizes its clients by the same budgets and memory model."""
     if cfg.fedpruner.granularity == "block":
         return _block_capacity(cfg, out, total, folder)
     cached = out / "budgets.json"
@@ -108,12 +109,32 @@ def _block_capacity(cfg, out: Path, total: int, folder: Path) -> tuple[list[int]
     return layers, notes
 
 
+def similarity_peak(cfg, out: Path, folder: Path, notes: dict) -> int:
+    """The similarity probe's measured peak (cached in ``budgets.json``): every client runs
+    it, so the smallest budget must hold it, with the same headroom as a training step."""
+    if "probe_peak_bytes" not in notes:
+        from fedsoda.accounting import similarity_peak_memory  # runs a probe process
+
+        notes["probe_peak_bytes"] = similarity_peak_memory(
+            folder, cfg.task, cfg.fedpruner.probe_samples, cfg.max_tokens, cfg.data_folder,
+            units=cfg.fedpruner.granularity == "block")
+        (out / "budgets.json").write_text(json.dumps(notes, indent=1) + "\n")
+    peak, smallest = notes["probe_peak_bytes"], min(notes["budgets"])
+    if peak * (1 + cfg.fedpruner.headroom) > smallest:
+        raise ValueError(f"fedpruner: the similarity probe on {cfg.fedpruner.probe_samples} "
+                         f"examples peaks at {peak / 2**20:.1f} MiB, which with the "
+                         f"{cfg.fedpruner.headroom:.0%} headroom the smallest budget "
+                         f"({smallest / 2**20:.1f} MiB) cannot hold: lower "
+                         "fedpruner.probe_samples or raise the smallest budget")
+    return peak
+
+
 def prepare(cfg, out: Path, resume: bool) -> Layered:
     notes = {}
 
     def capacity(total: int, folder: Path) -> list[int]:
-        layers, found = _capacity(cfg, out, total, folder)
-        notes.update(found)
+        layers, found = budget_capacity(cfg, out, total, folder)
+        notes.update(found, probe_peak_bytes=similarity_peak(cfg, out, folder, found))
         return layers
 
     server = layered.prepare(cfg, out, capacity)
@@ -139,8 +160,10 @@ def take_probes(server: Layered, cfg, state,
     total = float(sum(n for *_, n in probes))
     similarity = sum(s.double() * (n / total) for _, s, _, n in probes)
     influence = sum(i.double() * (n / total) for _, _, i, n in probes)
+    probed = sorted(p for p, *_ in probes)
     state.method.update(similarity=similarity.tolist(), influence=influence.tolist(),
-                        probed_round=state.round + 1, probed_clients=sorted(p for p, *_ in probes))
+                        probed_round=state.round + 1, probed_clients=probed)
+    state.method.setdefault("probe_history", {})[str(state.round + 1)] = probed
 
 
 def groups_for(cfg, similarity: np.ndarray, k: int) -> list[list[int]]:
@@ -213,46 +236,78 @@ def _assign_blocks(server: Layered, cfg, state, sampled: list[int]) -> dict[int,
 
 
 def summary(server: Layered, cfg, state, out: Path, task, rows: list[dict]) -> dict:
-    """The shared layered figures, plus each client's budget and layers and, per layer count,
-    the measured peak against the smallest budget that got it."""
+    """The shared layered figures; per round and client its budget, layers (and blocks) and
+    the measured peak of its training step and of the similarity probe; the largest
+    peak/budget ratio seen; how often each layer (unit) was chosen."""
     own = layered.summary(server, cfg, out)
-    notes = server.notes
-    ratios = {}
-    for k, figures in own["by_capacity"].items():
-        budgets = [m for m, n in zip(notes["budgets"], notes["layers"], strict=True) if str(n) == k]
-        figures["smallest_budget_bytes"] = min(budgets)
-        ratios[k] = figures["client_peak_memory_bytes"] / min(budgets)
+    notes, history = server.notes, state.method.get("history", {})
+    blocks = state.method.get("block_history", {})
+    peaks = _training_peaks(server, cfg, history, blocks, own["by_capacity"])
+    probe_history = state.method.get("probe_history", {})
+    by_round, worst = {}, 0.0
+    for number, round_layers in history.items():
+        by_round[number] = {}
+        for pid, layers in round_layers.items():
+            budget = notes["budgets"][int(pid)]
+            entry = {"budget_bytes": budget, "layers": layers,
+                     "peak_bytes": peaks[_shape(layers, blocks.get(number, {}).get(pid))]}
+            if number in blocks:
+                entry["blocks"] = blocks[number][pid]
+            if int(pid) in probe_history.get(number, []):
+                entry["probe_peak_bytes"] = notes["probe_peak_bytes"]
+            entry["peak_over_budget"] = max(entry["peak_bytes"], entry.get("probe_peak_bytes", 0)) / budget
+            worst = max(worst, entry["peak_over_budget"])
+            by_round[number][pid] = entry
     counts = np.zeros(server.num_layers, dtype=int)
-    for round_layers in state.method.get("history", {}).values():
+    for round_layers in history.values():
         for layers in round_layers.values():
             counts[layers] += 1
     extra = {"memory_model": notes.get("memory_model")}
     if cfg.fedpruner.granularity == "block":
-        extra = _block_summary(server, cfg, state)
-        ratios = extra.pop("ratios")
+        extra = {"granularity": "block", "block_memory_model": notes["block_memory_model"],
+                 "unit_pairs": notes["unit_pairs"], "unit_selections": _unit_counts(server, history, blocks)}
     return {**own, "budgets_bytes": notes["budgets"], "client_layer_counts": notes["layers"],
-            "full_model_peak_bytes": notes["full_model_peak_bytes"], **extra,
-            "max_peak_over_budget": max(ratios.values()), "layer_selections": counts.tolist(),
-            "groups": state.method.get("groups", {})}
+            "full_model_peak_bytes": notes["full_model_peak_bytes"],
+            "probe_peak_bytes": notes["probe_peak_bytes"], **extra, "clients_by_round": by_round,
+            "max_peak_over_budget": worst, "layer_selections": counts.tolist(),
+            "groups": state.method.get("groups", {}),
+            # The last averaged CKA matrix ([3, L, L] for FedPruner+: layers, attention, MLP).
+            "similarity": state.method.get("similarity")}
 
 
-def _block_summary(server: Layered, cfg, state) -> dict:
-    """FedPruner+: the last round's sub-models measured as the clients built them (blocks
-    dropped), each against its client's budget; how often each unit was chosen."""
+def _shape(layers: list[int], blocks: list[str] | None) -> tuple:
+    """What a training step's peak depends on: the layer count, or FedPruner+'s counts of
+    attention and MLP blocks (every layer of a model has the same size)."""
+    if blocks is None:
+        return (len(layers),)
+    return (sum("attn" in b for b in blocks), sum("mlp" in b for b in blocks))
+
+
+def _training_peaks(server: Layered, cfg, history: dict, blocks: dict, by_capacity: dict) -> dict:
+    """The measured training-step peak of every sub-model shape the run used: the layered
+    summary's per layer count, and for FedPruner+ one fresh-process measurement per
+    ``(K^A, K^F)`` on the first sub-model of that shape (its blocks dropped, as the client
+    builds it)."""
     from fedsoda.accounting import client_peak_memory  # runs a probe process
 
-    peaks, ratios = {}, {}
-    for pid, layers in state.method.get("layers", {}).items():
-        blocks = state.method["blocks"][pid]
-        peaks[pid] = client_peak_memory(server.folder, cfg.task, cfg.batch_size, cfg.max_tokens,
-                                        cfg.data_folder, layers=layers, blocks=blocks)
-        ratios[pid] = peaks[pid] / server.notes["budgets"][int(pid)]
-    units = np.zeros((server.num_layers, 2), dtype=int)  # columns: attention, MLP
-    for round_number, round_layers in state.method.get("history", {}).items():
+    if not blocks:
+        return {(int(k),): f["client_peak_memory_bytes"] for k, f in by_capacity.items()}
+    peaks = {}
+    for number, round_layers in sorted(history.items(), key=lambda item: int(item[0])):
+        for pid, layers in sorted(round_layers.items()):
+            shape = _shape(layers, blocks[number][pid])
+            if shape not in peaks:
+                peaks[shape] = client_peak_memory(server.folder, cfg.task, cfg.batch_size,
+                                                  cfg.max_tokens, cfg.data_folder, layers=layers,
+                                                  blocks=blocks[number][pid])
+    return peaks
+
+
+def _unit_counts(server: Layered, history: dict, blocks: dict) -> list[list[int]]:
+    """FedPruner+: how often each layer's attention and MLP block was chosen (columns)."""
+    units = np.zeros((server.num_layers, 2), dtype=int)
+    for number, round_layers in history.items():
         for pid, layers in round_layers.items():
-            for layer, keep in zip(layers, state.method["block_history"][round_number][pid], strict=True):
+            for layer, keep in zip(layers, blocks[number][pid], strict=True):
                 units[layer] += ["attn" in keep, "mlp" in keep]
-    return {"ratios": ratios or {"none": 0.0}, "granularity": "block",
-            "block_memory_model": server.notes["block_memory_model"],
-            "unit_pairs": server.notes["unit_pairs"], "last_round_peak_bytes": peaks,
-            "last_round_blocks": state.method.get("blocks", {}), "unit_selections": units.tolist()}
+    return units.tolist()

@@ -100,7 +100,7 @@ def summary(server: Layered, cfg, out: Path) -> dict:
     base_bytes = (server.folder / BASE).stat().st_size
     layer_bytes = (server.folder / layer_file(0)).stat().st_size
     by = {}
-    for k in sorted(set(server.capacity)):
+    for k in sorted(set(server.capacity) - {0}):  # 0: a client that never takes part
         # Any k layers: every layer has the same size; spread them over the model.
         layers = sorted({round(i * (server.num_layers - 1) / max(k - 1, 1)) for i in range(k)})
         by[str(k)] = {

@@ -1,0 +1,67 @@
+"""FedLoRA-exclusive end to end on a tiny random model: only the clients whose budget holds
+the full model train, a round that samples none of them leaves the LoRA as it was."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedsoda.data.partition import sample_round
+from fedsoda.federated.config import RunConfig
+from fedsoda.federated.simulation import simulate
+from fedsoda.methods.pruner_settings import FedPrunerSettings
+from test_federated_sim import tiny_config
+
+MiB = 2**20
+
+
+def calibrated(out, a_mib: float, b_mib: float, layers: int = 10) -> None:
+    """A run folder whose memory model is calibrated as ``fedsoda.budgets.calibrate`` leaves
+    it: measured at L/5 and at all L layers, the latter the full-model peak."""
+    out.mkdir(parents=True)
+    full = (a_mib + layers * b_mib) * MiB
+    (out / "budgets.json").write_text(json.dumps({
+        "memory_model": {"a": a_mib * MiB, "b": b_mib * MiB,
+                         "points": [[2, (a_mib + 2 * b_mib) * MiB], [layers, full]]},
+        "full_model_peak_bytes": full}))
+
+
+def test_only_the_clients_that_hold_the_full_model_train(tiny_model_dir, shared_data, tmp_path):
+    out = tmp_path / "exclusive"
+    calibrated(out, a_mib=100, b_mib=10)  # the full model: 200 MiB, measured
+    # The default 5% headroom would ask 210 MiB of a prediction, but 200 MiB was measured:
+    # client 3's budget of 1.0 holds it; 150 MiB (5 layers) does not.
+    cfg = tiny_config(tiny_model_dir, shared_data, out, method="fedlora_exclusive", clients=4,
+                      clients_per_round=2, rounds=4, eval_every=0, seed=0,
+                      fedpruner=FedPrunerSettings(budgets="150MiBx3,1.0"))
+    sampled = [sample_round(0, 4, 2, r) for r in range(1, 5)]
+    assert any(3 in s for s in sampled) and any(3 not in s for s in sampled)  # both kinds
+    summary = simulate(cfg)
+    assert summary["eligible_clients"] == [3] and summary["client_layer_counts"] == [0, 0, 0, 10]
+    assert summary["rounds_without_training"] == sum(3 not in s for s in sampled)
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for entry, clients in zip(rounds, sampled, strict=True):
+        assert (entry["train_loss"] is None) == (3 not in clients), (entry, clients)
+        assert (entry["bytes_up"] == 0) == (3 not in clients)
+    assert summary["max_peak_over_budget"] > 0
+    assert sorted(summary["by_capacity"]) == ["10"]
+    # The exported adapter has a LoRA on every layer, trained (B moved off zero).
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    lora_b = [t for name, t in adapter.items() if "lora_B" in name]
+    assert lora_b and all(torch.count_nonzero(t) > 0 for t in lora_b)
+
+
+def test_no_client_holding_the_full_model_is_an_error_before_training(tiny_model_dir, shared_data,
+                                                                     tmp_path):
+    out = tmp_path / "none"
+    calibrated(out, a_mib=100, b_mib=10)
+    cfg = tiny_config(tiny_model_dir, shared_data, out, method="fedlora_exclusive", clients=2,
+                      clients_per_round=2, rounds=1, fedpruner=FedPrunerSettings(budgets="0.8x2"))
+    with pytest.raises(Exception, match=r"no client's budget holds the full model \(200\.0 MiB"):
+        simulate(cfg)
+
+
+def test_exclusive_trains_whole_layers():
+    with pytest.raises(ValueError, match="granularity"):
+        RunConfig(method="fedlora_exclusive", fedpruner=FedPrunerSettings(granularity="block"))
