@@ -193,7 +193,8 @@ def write_summary(cfg, out: Path, method, server, state, task, rows, wall_second
         + record_bytes(to_record(state.emulator)),
         **own,
         "rejected_replies": sum(len(m["rejected"]) for m in metrics),
-        "wall_seconds": wall_seconds,
+        "wall_seconds": wall_seconds,  # this process's: a resumed run's counts from the resume
+        "round_seconds_total": sum(m["seconds"] for m in metrics),  # every round, resumed or not
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_curve(metrics, out / "curve.png", f"{cfg.method} on {cfg.task}, {cfg.clients} clients")
