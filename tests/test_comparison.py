@@ -117,3 +117,28 @@ def test_a_method_without_a_sub_model_accuracy_shows_a_dash(tmp_path):
     table = (tmp_path / "report" / "table.md").read_text()
     assert "| FedRA |  |  |  | 85.0 ± 0.0 | – | 244.2K |" in table
     assert "| FedPETuning |  | ✓ |  | 89.0 ± 0.0 | 79.0 ± 0.0 |" in table
+
+
+def test_fedpruner_plus_is_a_row_of_its_own_and_the_memory_table_shows_budgets(tmp_path):
+    MiB = 2**20
+    layered = {"pruning": False, "pre_align": False, "realign": False, "accuracy_sub": None}
+    runs = [fake_run(tmp_path / "fp-0", "fedpruner", 0, 0.86, **layered, probe_peak_bytes=200 * MiB,
+                     max_peak_over_budget=0.9,
+                     by_capacity={"5": {"client_peak_memory_bytes": 230 * MiB},
+                                  "30": {"client_peak_memory_bytes": 900 * MiB}}),
+            fake_run(tmp_path / "fp-1", "fedpruner", 1, 0.88, **layered, probe_peak_bytes=210 * MiB,
+                     max_peak_over_budget=0.95,
+                     by_capacity={"5": {"client_peak_memory_bytes": 240 * MiB},
+                                  "30": {"client_peak_memory_bytes": 920 * MiB}}),
+            fake_run(tmp_path / "fpp-0", "fedpruner", 0, 0.80, **layered, granularity="block",
+                     probe_peak_bytes=220 * MiB, max_peak_over_budget=0.97,
+                     by_capacity={"7": {"client_peak_memory_bytes": 300 * MiB}}),
+            fake_run(tmp_path / "pe-0", "fedpetuning", 0, 0.89)]
+    assert main(["report", *map(str, runs), "--out", str(tmp_path / "report")]) == 0
+    table = (tmp_path / "report" / "table.md").read_text()
+    assert "| FedPruner |  |  |  | 87.0 ± 1.4 |" in table  # two seeds: 86, 88
+    assert "| FedPruner+ |  |  |  | 80.0 ± 0.0 |" in table
+    # The means over seeds (235 = (230 + 240) / 2, 205 = (200 + 210) / 2) and the worst ratio.
+    assert "| FedPruner | 5: 235 MiB, 30: 910 MiB | 205 MiB | 0.950 |" in table
+    assert "| FedPruner+ | 7: 300 MiB | 220 MiB | 0.970 |" in table
+    assert "FedPETuning | 1" not in table.split("Client memory")[1]  # no sub-models: no line

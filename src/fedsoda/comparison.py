@@ -13,10 +13,17 @@ from pathlib import Path
 
 from fedsoda.methods import ORDER, TITLES
 
+ROWS = (*ORDER, "fedpruner_plus")  # FedPruner+ is FedPruner's block granularity, a row of its own
+
 
 def paper_rank(method: str) -> int:
     """Position in the paper's table; methods it does not have come last."""
-    return ORDER.index(method) if method in ORDER else len(ORDER)
+    return ROWS.index(method) if method in ROWS else len(ROWS)
+
+
+def row_of(summary: dict) -> str:
+    """The table row a run belongs to: its method, FedPruner+ apart from FedPruner."""
+    return "fedpruner_plus" if summary.get("granularity") == "block" else summary["method"]
 
 
 def read_run(folder: Path | str) -> dict:
@@ -49,7 +56,7 @@ def table_rows(runs: list[dict]) -> list[dict]:
     """One row per method: accuracy mean and spread over seeds, and the cost columns."""
     by_method: dict[str, list[dict]] = defaultdict(list)
     for run in runs:
-        by_method[run["summary"]["method"]].append(run["summary"])
+        by_method[row_of(run["summary"])].append(run["summary"])
     settings = {(s["task"], s["model"], s.get("partition"), s["rounds"]) for s in
                 (r["summary"] for r in runs)}
     if len(settings) > 1:
@@ -129,7 +136,7 @@ def rounds_table(runs: list[dict]) -> str:
     """
     by_method: dict[str, list[dict]] = defaultdict(list)
     for run in runs:
-        by_method[run["summary"]["method"]].append(
+        by_method[row_of(run["summary"])].append(
             {m["round"]: m for m in run["metrics"] if "accuracy" in m})
     rounds = sorted(set.intersection(*(set(e) for group in by_method.values() for e in group)))
     if not rounds:
@@ -155,6 +162,36 @@ def rounds_table(runs: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _mean_peak(summaries: list[dict], k: int) -> float:
+    """Mean measured peak of ``k`` layers over the runs that had clients of ``k`` layers."""
+    return statistics.fmean(s["by_capacity"][str(k)]["client_peak_memory_bytes"] for s in summaries
+                            if str(k) in s["by_capacity"])
+
+
+def memory_table(runs: list[dict]) -> str:
+    """For runs whose clients hold different sub-models (FedRA, FedPruner, FedLoRA-exclusive):
+    each layer count's measured training-step peak, the similarity probe's, and the largest
+    peak/budget ratio any client reached in any round (means over seeds); empty otherwise."""
+    by_method: dict[str, list[dict]] = defaultdict(list)
+    for run in runs:
+        if "by_capacity" in run["summary"]:
+            by_method[row_of(run["summary"])].append(run["summary"])
+    if not by_method:
+        return ""
+    lines = ["| Method | measured peak by layers held | similarity probe | max peak/budget |",
+             "|---|---|---|---|"]
+    for method in sorted(by_method, key=paper_rank):
+        group = by_method[method]
+        counts = sorted({int(k) for s in group for k in s["by_capacity"]})
+        peaks = ", ".join(f"{k}: {_mean_peak(group, k) / 2**20:.0f} MiB" for k in counts)
+        probe = [s["probe_peak_bytes"] for s in group if "probe_peak_bytes" in s]
+        ratio = [s["max_peak_over_budget"] for s in group if "max_peak_over_budget" in s]
+        lines.append(f"| {TITLES.get(method, method)} | {peaks} "
+                     f"| {f'{statistics.fmean(probe) / 2**20:.0f} MiB' if probe else '–'} "
+                     f"| {f'{max(ratio):.3f}' if ratio else '–'} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_comparison(runs: list[dict], path: Path) -> None:
     """Accuracy against rounds and against cumulative bytes (down + up), one line per run."""
     import matplotlib
@@ -163,10 +200,10 @@ def plot_comparison(runs: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, (by_round, by_bytes) = plt.subplots(1, 2, figsize=(10, 3.6))
-    colours = {m: f"C{i}" for i, m in enumerate(ORDER)}
+    colours = {m: f"C{i}" for i, m in enumerate(ROWS)}
     labelled = set()
-    for run in sorted(runs, key=lambda r: paper_rank(r["summary"]["method"])):  # legend order
-        method = run["summary"]["method"]
+    for run in sorted(runs, key=lambda r: paper_rank(row_of(r["summary"]))):  # legend order
+        method = row_of(run["summary"])
         total, points = 0, []
         for m in run["metrics"]:
             total += m["bytes_down"] + m["bytes_up"]
@@ -197,12 +234,15 @@ def write_report(run_folders: list[Path | str], out: Path | str) -> list[dict]:
         raise ValueError("no run folders given")
     runs = [read_run(folder) for folder in run_folders]
     rows = table_rows(runs)
+    memory = memory_table(runs)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(
         markdown_table(rows, runs) + "\nAccuracy (%) of the full LLM + adapter by round; for the "
         "last round also the accuracy at the option margin's best threshold, the margin's AUC and "
-        "how often each option won (means over seeds):\n\n" + rounds_table(runs))
+        "how often each option won (means over seeds):\n\n" + rounds_table(runs)
+        + (f"\nClient memory (CPU peak RSS of a training step in a fresh process); the largest "
+           f"peak/budget is over every client and round of every seed:\n\n{memory}" if memory else ""))
     (out / "table.json").write_text(json.dumps({"rows": rows, "runs": [r["folder"] for r in runs]},
                                                indent=2) + "\n")
     plot_comparison(runs, out / "compare.png")

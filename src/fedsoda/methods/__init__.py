@@ -17,7 +17,9 @@ ORDER: tuple[str, ...] = ("fedpetuning", "fedot", "fedbiot", "fedsoda", "fedra",
 TITLES: dict[str, str] = {**{m.__name__.rsplit(".", 1)[-1]: m.TITLE
                              for m in (fedpetuning, fedot, fedbiot, fedsoda)},
                           "fedra": "FedRA", "fedlora_exclusive": "FedLoRA-exclusive",
-                          "fedpruner": "FedPruner"}
+                          "fedpruner": "FedPruner",
+                          # a table row, not a method: FedPruner with granularity = "block"
+                          "fedpruner_plus": "FedPruner+"}
 
 # Methods whose clients are sized by memory budgets ([fedpruner] budgets, fedsoda.budgets).
 BUDGETED: tuple[str, ...] = ("fedpruner", "fedlora_exclusive")
