@@ -6,8 +6,10 @@ Algorithm (layer level, ``fedpruner.granularity = "layer"``; FedPruner+ below):
 - budgets: client ``i`` has a memory budget ``M_i`` (``[fedpruner] budgets``); a memory model
   ``peak(k) = a + b*k`` fitted to two measured dry runs (``fedsoda.budgets``; at ``L/5`` and
   all ``L`` layers, the latter being the full-model peak that fractional budgets refer to)
-  gives the most layers whose peak plus ``headroom`` fits, ``K_i``; a budget under one layer
-  is an error naming the least that works;
+  gives the most layers whose peak plus ``headroom`` fits, ``K_i`` (a measured point needs
+  no headroom: a budget of ``1.0`` holds all ``L``); a budget under one layer is an error
+  naming the least that works; the similarity probe's peak, measured once, must fit the
+  smallest budget with the headroom;
 - every ``reselect_every`` rounds (default 1), each sampled client runs the current global
   model (base weights and global LoRA), one layer at a time so its budget holds, on a seeded
   batch of its own data, and reports the linear CKA between all layer outputs (each sample's
