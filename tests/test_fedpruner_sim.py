@@ -86,3 +86,14 @@ def test_selection_counts_by_hand():
     assert selection_counts(summary).tolist() == [[1, 0], [0, 1], [2, 1], [1, 0]]
     assert selection_counts(summary, "mlp").tolist() == [[1, 0], [0, 0], [2, 1], [1, 0]]
     assert selection_counts(summary, "attn").tolist() == [[1, 0], [0, 1], [2, 1], [1, 0]]
+
+
+def test_a_probe_the_smallest_budget_cannot_hold_is_an_error(tmp_path):
+    from fedsoda.methods.fedpruner import similarity_peak
+
+    cfg = RunConfig(method="fedpruner", fedpruner=FedPrunerSettings(headroom=0.05))
+    # 230 MiB * 1.05 = 241.5 MiB: a 241 MiB budget cannot hold the probe, 242 MiB can.
+    notes = {"probe_peak_bytes": 230 * MiB, "budgets": [241 * MiB, 900 * MiB]}
+    with pytest.raises(ValueError, match=r"peaks at 230\.0 MiB.*smallest budget \(241\.0 MiB\)"):
+        similarity_peak(cfg, tmp_path, tmp_path, notes)
+    assert similarity_peak(cfg, tmp_path, tmp_path, {**notes, "budgets": [242 * MiB]}) == 230 * MiB
