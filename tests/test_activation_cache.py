@@ -149,8 +149,11 @@ def test_local_train_with_the_cache_ends_where_it_ends_without(tmp_path):
         if cache is not None:
             assert cache.hits > 0 and cache.misses == 6  # 15 draws of 6 examples
     assert runs[1]["loss"] == pytest.approx(runs[0]["loss"], rel=1e-5)
+    # Not bit for bit: a cache miss is computed alone (batch of 1), the uncached path in
+    # batches of 3, so sums differ in the last bits, and five AdamW steps (which divide by
+    # the gradient's own scale) carry that into LoRA entries near zero: 1.8e-6 seen on one.
     for name, tensor in runs[0]["state"].items():
-        torch.testing.assert_close(runs[1]["state"][name], tensor, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(runs[1]["state"][name], tensor, rtol=1e-4, atol=1e-5)
 
 
 def test_a_new_emulator_lora_invalidates_the_cache():

@@ -17,7 +17,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "fedsoda"
 # Each fedsoda package (or top-level module) -> the other ones it may import. Arrows point
 # down: core libraries at the bottom, then the methods, the runtime, the tools, the CLI.
 BELOW_METHODS = {"models", "data", "surgery", "align", "evaluate", "activation_cache",
-                 "training", "accounting", "aggregation", "budgets"}
+                 "training", "accounting", "aggregation", "budgets", "schedule"}
 ALLOWED: dict[str, set[str]] = {
     "__init__": set(),
     "models": set(),
@@ -30,6 +30,7 @@ ALLOWED: dict[str, set[str]] = {
     "accounting": {"models", "data", "surgery", "training"},
     "aggregation": {"models", "surgery"},
     "budgets": {"models", "surgery", "accounting"},
+    "schedule": set(),
     "methods": BELOW_METHODS,
     "federated": BELOW_METHODS | {"methods"},
     "planner": {"models", "surgery", "methods", "federated"},  # federated: RunConfig's defaults
