@@ -175,3 +175,25 @@ def test_calibration_on_the_tiny_model_predicts_a_third_measured_peak(
     (k2, peak2) = memory.points[1]
     assert memory.layers_for(peak2 + 1024, 10) >= k2
     assert memory.layers_for(round(1.10 * measured), 10) >= 5
+
+
+def test_calibrate_blocks_measures_each_kind_at_two_scales(tmp_path, monkeypatch):
+    # A 10-layer model whose blocks cost 4 (attention) and 6 (MLP) MiB over 100 MiB, but
+    # whose whole layers cost 8 MiB, less than their blocks apart (as SmolLM2's do).
+    (tmp_path / "config.json").write_text('{"model_type": "llama", "num_hidden_layers": 10}')
+    seen = []
+
+    def fake_probe(folder, task, batch_size, max_tokens, data_dir, layers, blocks):
+        seen.append((list(layers), blocks[0]))
+        per = {"attn+mlp": 8, "mlp": 6, "attn": 4}[blocks[0]]
+        return (100 + per * len(layers)) * MiB
+
+    monkeypatch.setattr(budgets, "client_peak_memory", fake_probe)
+    model = budgets.calibrate_blocks(tmp_path, "sst2", 8, 256, None)
+    assert seen == [(list(range(10)), "attn+mlp"), ([2, 7], "mlp"), (list(range(10)), "mlp"),
+                    ([2, 7], "attn"), (list(range(10)), "attn")]
+    assert (model.a, model.b_attn, model.b_mlp) == (100 * MiB, 4 * MiB, 6 * MiB)
+    assert model.points[0] == (10, 10, 180 * MiB)  # the full-model peak budgets refer to
+    # Whole layers are over-predicted, the safe side: 5 of them a + 5 (4 + 6) = 150 MiB
+    # against 100 + 5 * 8 = 140 MiB measured.
+    assert model.needs(5, 5) == 150 * MiB

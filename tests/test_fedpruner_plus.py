@@ -19,9 +19,16 @@ MiB = 2**20
 
 
 def test_the_block_fit_goes_through_its_three_runs_and_lists_the_feasible_pairs():
-    # peak = 100 + 4 K^A + 6 K^F MiB on a 10-layer model, measured at (10,10), (0,10), (10,0).
-    model = fit_blocks([(10, 10, 200 * MiB), (0, 10, 160 * MiB), (10, 0, 140 * MiB)])
+    # peak = 100 + 4 K^A + 6 K^F MiB on a 10-layer model, measured at (10,10), then MLP only
+    # at 2 and 10 layers, attention only at 2 and 10.
+    runs = [(10, 10, 200 * MiB), (0, 2, 112 * MiB), (0, 10, 160 * MiB), (2, 0, 108 * MiB),
+            (10, 0, 140 * MiB)]
+    model = fit_blocks(runs)
     assert (model.a, model.b_attn, model.b_mlp) == (100 * MiB, 4 * MiB, 6 * MiB)
+    # Intercepts that disagree: the MLP line (45 MiB over 8 blocks, 5.625 a block) meets zero
+    # blocks at 115 - 2 * 5.625 = 103.75 MiB, the attention line at 100: the larger is a.
+    uneven = fit_blocks([runs[0], (0, 2, 115 * MiB), *runs[2:]])
+    assert (uneven.a, uneven.b_mlp, uneven.b_attn) == (103.75 * MiB, 5.625 * MiB, 4 * MiB)
     pairs = model.pairs_for(130 * MiB, 10)  # 4 K^A + 6 K^F <= 30
     assert pairs == [(0, 5), (1, 4), (2, 3), (3, 3), (4, 2), (5, 1), (6, 1), (7, 0)]
     assert model.pairs_for(200 * MiB, 10)[-1] == (10, 10)
@@ -29,13 +36,13 @@ def test_the_block_fit_goes_through_its_three_runs_and_lists_the_feasible_pairs(
     # With a 10% headroom the plane says (10, 10) needs 220 MiB, but it was measured at 200:
     # a 200 MiB budget holds every block; 199 MiB gets the plane's answer, whose best pair
     # with K^A = 10 is K^F = 7 (100 + 40 + 42 = 182 MiB * 1.1 = 200.2 > 199; K^F = 6: 193.6).
-    guarded = fit_blocks([(10, 10, 200 * MiB), (0, 10, 160 * MiB), (10, 0, 140 * MiB)], headroom=0.1)
+    guarded = fit_blocks(runs, headroom=0.1)
     assert guarded.pairs_for(200 * MiB, 10)[-1] == (10, 10)
     assert guarded.pairs_for(199 * MiB, 10)[-1] == (10, 6)
     with pytest.raises(ValueError, match="104.0"):  # a + b_attn: the smallest that works
         model.pairs_for(103 * MiB, 10)
     with pytest.raises(ValueError, match="positive"):
-        fit_blocks([(10, 10, 200 * MiB), (0, 10, 200 * MiB), (10, 0, 140 * MiB)])
+        fit_blocks([runs[0], (0, 2, 160 * MiB), *runs[2:]])  # MLP blocks cost nothing: noise
 
 
 def test_a_real_probe_runs_with_blocks_dropped(tiny_model_dir, shared_data, tmp_path):

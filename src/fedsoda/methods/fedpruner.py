@@ -25,7 +25,7 @@ Algorithm (layer level, ``fedpruner.granularity = "layer"``; FedPruner+ below):
 - the deliverable is the full model with every layer's global LoRA, exported as PEFT.
 FedPruner+ (``granularity = "block"``, method notes 2.7): the units are each layer's
 attention and MLP blocks. Memory is ``a + b_A K^A + b_F K^F`` (``fedsoda.budgets.
-BlockMemoryModel``, three dry runs: whole layers, MLP only, attention only); the probe also
+BlockMemoryModel``, five dry runs: whole layers, MLP only and attention only at two sizes); the probe also
 reports the CKA between the streams after every attention block and after every MLP block,
 and each block's influence; for every ``K^A`` in ``0..L`` with the largest ``K^F`` that fits,
 the attention units form ``K^A`` groups and the MLP units ``K^F`` groups (the configured
