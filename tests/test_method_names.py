@@ -4,7 +4,7 @@ CLI's defaults, the comparison table and the config follow them."""
 import argparse
 
 from fedsoda import cli
-from fedsoda.comparison import paper_rank
+from fedsoda.comparison import ROWS, paper_rank
 from fedsoda.methods import ORDER, RECIPES, TITLES, fedbiot, fedot, fedpetuning, fedsoda
 
 # The FedSODA paper's Table 2, top to bottom, as the paper spells the methods.
@@ -15,9 +15,10 @@ def test_titles_and_order_come_from_the_method_modules():
     assert [name for name in ORDER if name in PAPER] == list(PAPER)
     assert {name: TITLES[name] for name in PAPER} == PAPER
     assert [m.TITLE for m in (fedpetuning, fedot, fedbiot, fedsoda)] == list(PAPER.values())
-    assert set(TITLES) == set(ORDER) and set(RECIPES) <= set(ORDER)
+    # FedPruner+ is a row of the comparison (FedPruner's block granularity), not a method.
+    assert set(TITLES) == set(ORDER) | {"fedpruner_plus"} and set(RECIPES) <= set(ORDER)
     assert [paper_rank(name) for name in PAPER] == [0, 1, 2, 3]
-    assert paper_rank("fedx") == len(ORDER)
+    assert paper_rank("fedx") == len(ROWS) and ROWS[-2:] == ("fedpruner", "fedpruner_plus")
 
 
 def test_compare_runs_every_method_in_the_papers_order_by_default(tmp_path, monkeypatch, capsys):

@@ -5,7 +5,7 @@ The hashes were taken with the code before that refactor (commit 530158e, after 
 that made FedSODA reproducible run to run), on this project's CPU machines, in a venv that
 `scripts/install.sh` made with `constraints.txt` (every transitive version pinned). Float
 results depend on the CPU's kernels and on the packages: a venv made before
-`constraints.txt` existed gave other hashes for FedSODA, FedOT and FedBiOT, from the old and
+`constraints.txt` existed gave other hashes for all four methods, from the old and
 the new code alike. So the pins hold only where torch reports the same CPU capability;
 elsewhere the test says so and skips.
 """
@@ -22,7 +22,7 @@ from repro import adapter_hash, metrics_hash
 PINNED_CAPABILITY = "AVX512"
 PINNED = {  # method: (adapter hash, metrics hash without wall-clock seconds)
     "fedsoda": ("1b57042e4f945b33", "1a397f6cd4536590"),
-    "fedpetuning": ("8d490e9c93cbb4bd", "d3c1ee7257033bd9"),
+    "fedpetuning": ("e1975952a99f87fd", "92e2e77bcc8569d4"),
     "fedot": ("70f929541ed6d1fc", "6749f9f01732fdc3"),
     "fedbiot": ("cb3081ed05db65c2", "de11691b02132d00"),
 }
