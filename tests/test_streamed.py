@@ -63,3 +63,15 @@ def test_unit_outputs_are_the_stream_after_attention_and_after_the_mlp(tmp_path)
         expected = float((1 - cos(h[mask].double(), middle[mask].double(), dim=-1)).mean())
         assert abs(units.attn_influence[i] - expected) < 1e-5
     assert len(units.mlp_influence) == 3 and min(units.mlp_influence) > 0
+
+
+def test_lora_shapes_from_a_layer_file_match_the_lora_peft_attaches(tmp_path):
+    from fedsoda.surgery.layered import folder_num_layers, lora_shapes
+
+    save_layered(tiny_model(layers=4), tmp_path)
+    assert folder_num_layers(tmp_path) == 4
+    spec = LoraSpec()
+    attached = lora_state(attach_lora(load_layered(tmp_path, range(4)), [2], spec), [2])
+    expected = {name: tuple(t.shape) for name, t in attached.items()}
+    assert lora_shapes(tmp_path, 2, spec.r, spec.targets) == expected
+    assert len(expected) == 2 * len(spec.targets)  # A and B of every target projection

@@ -100,19 +100,18 @@ def _similarity(args: argparse.Namespace, examples, pad: int) -> None:
     import torch
 
     from fedsoda.surgery.cka import cka_matrix
-    from fedsoda.surgery.layered import load_layered
-    from fedsoda.surgery.lora import attach_lora, lora_state, to_full
+    from fedsoda.surgery.layered import folder_num_layers, lora_shapes
+    from fedsoda.surgery.lora import LoraSpec
     from fedsoda.surgery.streamed import streamed_probe
     from fedsoda.training import probe_batches
 
-    num_layers = json.loads((Path(args.folder) / "config.json").read_text())["num_hidden_layers"]
-    # The global LoRA of every layer arrives with the message: tensors of its real shapes.
-    one = lora_state(attach_lora(load_layered(args.folder, [0]), [0]), [0])
-    lora = {}
-    for index in range(num_layers):
-        lora.update({k: torch.randn_like(v) for k, v in to_full(one, [index]).items()})
-    result = streamed_probe(args.folder, num_layers, probe_batches(list(examples), pad), lora=lora,
-                            units=args.units)
+    # The global LoRA of every layer arrives with the message: tensors of its real shapes,
+    # made from the layer files' headers (building a model to read them would count here).
+    spec = LoraSpec()
+    lora = {name: torch.randn(shape) for index in range(folder_num_layers(args.folder))
+            for name, shape in lora_shapes(args.folder, index, spec.r, spec.targets).items()}
+    result = streamed_probe(args.folder, folder_num_layers(args.folder),
+                            probe_batches(list(examples), pad), lora=lora, units=args.units)
     layers, units = result if args.units else (result, None)
     cka_matrix(layers.outputs)
     if units is not None:

@@ -158,7 +158,7 @@ def calibrate_blocks(folder: Path | str, task: str, batch_size: int, max_tokens:
     """Five dry runs of the layered model in ``folder``: all ``L`` whole layers (the full-model
     peak that fractional budgets refer to, ``points[0]``), then MLP blocks only and attention
     blocks only, each at ``L/5`` and at ``L`` layers (``fit_blocks``)."""
-    n = folder_num_layers(folder)
+    n = _num_layers(folder)
     small = default_sizes(n)[0]
     points = []
     for keep, k in (("attn+mlp", n), ("mlp", small), ("mlp", n), ("attn", small), ("attn", n)):
@@ -183,6 +183,14 @@ def fit_blocks(points, headroom: float = 0.0) -> BlockMemoryModel:
                             headroom=headroom)
 
 
+def _num_layers(folder: Path | str) -> int:
+    # Deferred: surgery.layered loads torch; the CLI checks budget specs with this module
+    # before anything heavy is imported.
+    from fedsoda.surgery.layered import folder_num_layers
+
+    return folder_num_layers(folder)
+
+
 def spread_layers(k: int, num_layers: int) -> list[int]:
     """``k`` evenly spread full-model layers: the middle layer of each of ``k`` equal spans."""
     if not 1 <= k <= num_layers:
@@ -190,17 +198,11 @@ def spread_layers(k: int, num_layers: int) -> list[int]:
     return [(2 * i + 1) * num_layers // (2 * k) for i in range(k)]
 
 
-def folder_num_layers(folder: Path | str) -> int:
-    """The decoder layer count in a layered model folder's ``config.json``."""
-    config = json.loads((Path(folder) / "config.json").read_text())
-    return int(config.get("text_config", config)["num_hidden_layers"])
-
-
 def measure_peak(folder: Path | str, k: int, task: str, batch_size: int, max_tokens: int,
                  data_dir: str | None) -> int:
     """Measured peak bytes (fresh process) of a training step on ``k`` evenly spread layers of
     the layered model in ``folder`` (``fedsoda.surgery.layered``), LoRA on all of them."""
-    layers = spread_layers(k, folder_num_layers(folder))
+    layers = spread_layers(k, _num_layers(folder))
     return client_peak_memory(folder, task, batch_size, max_tokens, data_dir, layers=layers)
 
 
@@ -219,7 +221,7 @@ def calibrate(folder: Path | str, task: str, batch_size: int, max_tokens: int,
               headroom: float = 0.0) -> MemoryModel:
     """Fit ``a`` and ``b`` to the measured peaks of two dry runs at ``sizes`` layers (default
     ``default_sizes``) of the layered model in ``folder``; ``points`` holds them in order."""
-    k1, k2 = sorted(sizes or default_sizes(folder_num_layers(folder)))
+    k1, k2 = sorted(sizes or default_sizes(_num_layers(folder)))
     if k1 == k2:
         raise ValueError(f"calibration needs two different layer counts, got {sizes}")
     p1, p2 = (measure_peak(folder, k, task, batch_size, max_tokens, data_dir) for k in (k1, k2))

@@ -58,15 +58,18 @@ def cka_matrix(outputs: list[torch.Tensor]) -> torch.Tensor:
     """``[L, L]`` float64 matrix of linear CKA between every pair of layer outputs."""
     if not outputs:
         raise ValueError("cka_matrix needs at least one layer output")
-    centred = [_centred(x) for x in outputs]
-    norms = [_self_norm(xc) for xc in centred]
+    # Centred in float64, kept in float32: one extra copy of the outputs, not two (a probe's
+    # memory must fit a client's budget); every product below is float64 again.
+    centred = [_centred(x).float() for x in outputs]
+    norms = [_self_norm(xc.double()) for xc in centred]
     if any(norm == 0 for norm in norms):
         raise ValueError("a layer output is constant over the tokens; its CKA is undefined")
     count = len(centred)
     matrix = torch.eye(count, dtype=torch.float64)
     for i in range(count):
+        ci = centred[i].double()
         for j in range(i + 1, count):
-            cross = torch.linalg.matrix_norm(centred[j].T @ centred[i]) ** 2
+            cross = torch.linalg.matrix_norm(centred[j].double().T @ ci) ** 2
             matrix[i, j] = matrix[j, i] = cross / (norms[i] * norms[j])
     return matrix
 

@@ -14,10 +14,12 @@ the config's layer count and per-layer lists are pruned alike and each attention
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -58,6 +60,29 @@ def save_layered(model: nn.Module, folder: Path | str, tokenizer=None,
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     return folder
+
+
+def folder_num_layers(folder: Path | str) -> int:
+    """The decoder layer count in a layered model folder's ``config.json``."""
+    config = json.loads((Path(folder) / "config.json").read_text())
+    return int(config.get("text_config", config)["num_hidden_layers"])
+
+
+def lora_shapes(folder: Path | str, layer: int, r: int, targets) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the LoRA tensors (PEFT's plain names, ``lora.lora_state``) that
+    rank-``r`` LoRA on ``targets`` gives full-model ``layer``, read from the layer file's
+    header alone: no weights load, so a memory probe can make them without a model."""
+    shapes = {}
+    with safe_open(str(Path(folder) / layer_file(layer)), framework="pt") as handle:
+        for key in handle.keys():
+            module, _, kind = key.rpartition(".")
+            if kind != "weight" or module.rsplit(".", 1)[-1] not in targets:
+                continue
+            out_features, in_features = handle.get_slice(key).get_shape()
+            prefix = f"model.layers.{layer}.{module}"
+            shapes[f"{prefix}.lora_A.weight"] = (r, in_features)
+            shapes[f"{prefix}.lora_B.weight"] = (out_features, r)
+    return shapes
 
 
 def layered_files(folder: Path | str, layers) -> list[str]:

@@ -4,7 +4,7 @@ a few layers can still probe the whole model (FedPruner's per-round similarity).
 One single-layer causal LM is built from the layered files (``fedsoda.surgery.layered``); for
 each full-model layer in turn its weights (and its LoRA) are loaded into that one layer, the
 batch's hidden states go through it, and the next layer replaces it. At no time is more than
-one decoder layer (plus the embeddings) in memory. The layer's output equals what the whole
+one decoder layer in memory (the embedding matrix only while the inputs are embedded). The layer's output equals what the whole
 model computes there: the attention mask and rotary positions are made from the same
 sequence, and nothing else crosses layers but the hidden state.
 """
@@ -68,9 +68,9 @@ def streamed_probe(folder: Path | str, num_layers: int, batches: Iterable[dict],
     """
     folder = Path(folder)
     where = lambda name: Path(paths[name]) if paths and name in paths else folder / name  # noqa: E731
-    model = attach_lora(load_layered(folder, [0], paths, dtype=torch.float32), [0], spec)
-    base = unwrap(model).model
     batches = list(batches)
+    model, embedded = _one_layer_model(folder, paths, batches, spec)
+    base = unwrap(model).model
     masks = [token_mask(b["attention_mask"], skip_first) for b in batches]
     tokens = sum(int(m.sum()) for m in masks)
     if tokens == 0:
@@ -82,7 +82,7 @@ def streamed_probe(folder: Path | str, num_layers: int, batches: Iterable[dict],
     picked = lambda hidden: torch.cat([h[m].double() for h, m in zip(hidden, masks, strict=True)])  # noqa: E731
     found = {"out": [], "inf": [], "attn": [], "attn_inf": [], "mlp_inf": []}
     with torch.no_grad():
-        hidden = [base.embed_tokens(b["input_ids"]) for b in batches]
+        hidden = embedded
         norm, base.norm = base.norm, nn.Identity()  # the layer's raw output, not normed
         try:
             for index in range(num_layers):
@@ -111,6 +111,17 @@ def streamed_probe(folder: Path | str, num_layers: int, batches: Iterable[dict],
         return layer_probe
     return layer_probe, UnitProbe(attn_outputs=attn, mlp_outputs=outputs,
                                   attn_influence=found["attn_inf"], mlp_influence=found["mlp_inf"])
+
+
+def _one_layer_model(folder: Path, paths, batches: list[dict], spec: LoraSpec):
+    """The single-layer model in fp32 with LoRA, and the batches' embeddings, without the
+    vocabulary: the embedding is read as stored (bf16), used once, and dropped with the LM
+    head tied to it, the largest tensors of a small model (SmolLM2's are 113 MB in fp32)."""
+    lm = load_layered(folder, [0], paths)
+    with torch.no_grad():
+        embedded = [lm.model.embed_tokens(b["input_ids"]).float() for b in batches]
+    lm.model.embed_tokens, lm.lm_head = nn.Identity(), nn.Identity()
+    return attach_lora(lm.float(), [0], spec), embedded
 
 
 def _influence(before: torch.Tensor, after: torch.Tensor, tokens: int) -> float:
