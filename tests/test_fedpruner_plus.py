@@ -70,6 +70,15 @@ def calibrated(out, a_mib: float, attn_mib: float, mlp_mib: float) -> None:
 def test_clients_get_layers_without_some_blocks_and_a_dropped_blocks_lora_stays(
         tiny_model_dir, shared_data, tmp_path, monkeypatch):
     monkeypatch.setenv("FEDSODA_CACHE", str(tmp_path / "cache"))
+    import fedsoda.accounting
+
+    measured = []  # the summary's training-step probes: block sub-models only
+
+    def recorded(*args, **kwargs):
+        measured.append(kwargs.get("blocks"))
+        return client_peak_memory(*args, **kwargs)
+
+    monkeypatch.setattr(fedsoda.accounting, "client_peak_memory", recorded)
     out = tmp_path / "fedpruner-plus"
     calibrated(out, a_mib=100, attn_mib=4, mlp_mib=6)  # 130 MiB: 4 K^A + 6 K^F <= 30
     cfg = tiny_config(tiny_model_dir, shared_data, out, method="fedpruner", clients=3,
@@ -102,6 +111,13 @@ def test_clients_get_layers_without_some_blocks_and_a_dropped_blocks_lora_stays(
     for pid, entry in summary["clients_by_round"]["1"].items():  # measured as built, blocks dropped
         assert entry["blocks"] == state["blocks"][pid] and entry["peak_bytes"] > 0
         assert entry["probe_peak_bytes"] == summary["probe_peak_bytes"]
+    # No whole-layer probe: per capacity the largest peak its clients' sub-models reached.
+    assert measured and None not in measured
+    entries, capacity = summary["clients_by_round"]["1"], summary["client_layer_counts"]
+    for k, figures in summary["by_capacity"].items():
+        assert figures["client_peak_memory_bytes"] == max(
+            e["peak_bytes"] for pid, e in entries.items() if capacity[int(pid)] == int(k))
+    assert summary["client_peak_memory_bytes"] == max(e["peak_bytes"] for e in entries.values())
 
 
 def test_granularity_is_checked():

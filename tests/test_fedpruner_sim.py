@@ -5,8 +5,8 @@ import json
 import pytest
 
 from fedsoda.federated.config import RunConfig
-from fedsoda.federated.report import selection_counts
 from fedsoda.federated.simulation import simulate
+from fedsoda.methods.fedpruner import selection_counts
 from fedsoda.methods.pruner_settings import FedPrunerSettings
 from test_federated_sim import tiny_config
 
@@ -80,12 +80,11 @@ def test_fedpruner_settings_are_checked():
 
 
 def test_selection_counts_by_hand():
-    summary = {"layer_selections": [0] * 4, "clients_by_round": {
-        "1": {"0": {"layers": [0, 2]}, "1": {"layers": [2, 3]}},
-        "2": {"0": {"layers": [1, 2], "blocks": ["attn", "attn+mlp"]}}}}
-    assert selection_counts(summary).tolist() == [[1, 0], [0, 1], [2, 1], [1, 0]]
-    assert selection_counts(summary, "mlp").tolist() == [[1, 0], [0, 0], [2, 1], [1, 0]]
-    assert selection_counts(summary, "attn").tolist() == [[1, 0], [0, 1], [2, 1], [1, 0]]
+    table = {"1": {"0": {"layers": [0, 2]}, "1": {"layers": [2, 3]}},
+             "2": {"0": {"layers": [1, 2], "blocks": ["attn", "attn+mlp"]}}}
+    assert selection_counts(table, 4).tolist() == [[1, 0], [0, 1], [2, 1], [1, 0]]
+    assert selection_counts(table, 4, "mlp").tolist() == [[1, 0], [0, 0], [2, 1], [1, 0]]
+    assert selection_counts(table, 4, "attn").tolist() == [[1, 0], [0, 1], [2, 1], [1, 0]]
 
 
 def test_a_probe_the_smallest_budget_cannot_hold_is_an_error(tmp_path):

@@ -10,6 +10,7 @@ import numpy as np
 from flwr.app import ArrayRecord
 
 from fedsoda.federated.messages import blobs_record, record_bytes, record_params, to_record
+from fedsoda.methods.fedpruner import selection_counts
 
 log = logging.getLogger("fedsoda.server")
 
@@ -125,19 +126,6 @@ def plot_curve(metrics: list[dict], path: Path, title: str) -> None:
     plt.close(figure)
 
 
-def selection_counts(summary: dict, block: str | None = None) -> np.ndarray:
-    """``[layer, round]``: how many of the round's clients held each layer (with ``block``,
-    "attn" or "mlp", kept that block of it), from a FedPruner summary's ``clients_by_round``."""
-    table = summary["clients_by_round"]
-    counts = np.zeros((len(summary["layer_selections"]), max(map(int, table), default=0)), dtype=int)
-    for number, clients in table.items():
-        for entry in clients.values():
-            blocks = entry.get("blocks") or ["attn+mlp"] * len(entry["layers"])
-            for layer, keep in zip(entry["layers"], blocks, strict=True):
-                counts[layer, int(number) - 1] += block is None or block in keep
-    return counts
-
-
 def plot_selection(summary: dict, path: Path, title: str) -> None:
     """FedPruner's picture: the averaged CKA matrix the groups came from, beside how often
     each layer (FedPruner+: each attention and MLP block) was chosen in each round."""
@@ -148,9 +136,10 @@ def plot_selection(summary: dict, path: Path, title: str) -> None:
 
     similarity = np.array(summary["similarity"])
     blocks = summary.get("granularity") == "block"
-    maps = [("attention blocks", selection_counts(summary, "attn")),
-            ("MLP blocks", selection_counts(summary, "mlp"))] if blocks else [
-        ("layers", selection_counts(summary))]
+    table, layers = summary["clients_by_round"], len(summary["layer_selections"])
+    maps = [("attention blocks", selection_counts(table, layers, "attn")),
+            ("MLP blocks", selection_counts(table, layers, "mlp"))] if blocks else [
+        ("layers", selection_counts(table, layers))]
     figure, axes = plt.subplots(1, 1 + len(maps), figsize=(5 + 4.5 * len(maps), 4.4))
     shown = axes[0].imshow(similarity[0] if blocks else similarity, vmin=0, vmax=1, cmap="viridis")
     axes[0].set_title("averaged linear CKA (last probe)")

@@ -59,7 +59,7 @@ from fedsoda.surgery.grouping import (
 )
 
 __all__ = ["after_round", "assign", "evaluate", "initial_state", "load_state", "prepare",
-           "probe_request", "summary", "take_probes"]
+           "probe_request", "selection_counts", "summary", "take_probes"]
 
 
 def budget_capacity(cfg, out: Path, total: int, folder: Path) -> tuple[list[int], dict]:
@@ -241,12 +241,40 @@ def summary(server: Layered, cfg, state, out: Path, task, rows: list[dict]) -> d
     """The shared layered figures; per round and client its budget, layers (and blocks) and
     the measured peak of its training step and of the similarity probe; the largest
     peak/budget ratio seen; how often each layer (unit) was chosen."""
-    own = layered.summary(server, cfg, out)
+    block = cfg.fedpruner.granularity == "block"
+    # FedPruner+ clients train block sub-models, measured below: the layered summary's
+    # whole-layer peaks would be minutes of probes nobody reads.
+    own = layered.summary(server, cfg, out, measure_peaks=not block)
     notes, history = server.notes, state.method.get("history", {})
     blocks = state.method.get("block_history", {})
-    peaks = _training_peaks(server, cfg, history, blocks, own["by_capacity"])
-    probe_history = state.method.get("probe_history", {})
-    by_round, worst = {}, 0.0
+    if block:
+        peaks = _block_peaks(server, cfg, history, blocks)
+    else:
+        peaks = {(int(k),): f["client_peak_memory_bytes"] for k, f in own["by_capacity"].items()}
+    by_round = _clients_by_round(notes, history, blocks, peaks, state.method.get("probe_history", {}))
+    worst = max((e["peak_over_budget"] for r in by_round.values() for e in r.values()), default=0.0)
+    extra = {"memory_model": notes.get("memory_model")}
+    if block:
+        _fill_block_peaks(server, own, by_round)
+        units = [selection_counts(by_round, server.num_layers, b).sum(axis=1) for b in ("attn", "mlp")]
+        extra = {"granularity": "block", "block_memory_model": notes["block_memory_model"],
+                 "unit_pairs": notes["unit_pairs"],
+                 "unit_selections": np.stack(units, axis=1).tolist()}  # [layer, (attn, mlp)]
+    return {**own, "budgets_bytes": notes["budgets"], "client_layer_counts": notes["layers"],
+            "full_model_peak_bytes": notes["full_model_peak_bytes"],
+            "probe_peak_bytes": notes["probe_peak_bytes"], **extra, "clients_by_round": by_round,
+            "max_peak_over_budget": worst,
+            "layer_selections": selection_counts(by_round, server.num_layers).sum(axis=1).tolist(),
+            "groups": state.method.get("groups", {}),
+            # The last averaged CKA matrix ([3, L, L] for FedPruner+: layers, attention, MLP).
+            "similarity": state.method.get("similarity")}
+
+
+def _clients_by_round(notes: dict, history: dict, blocks: dict, peaks: dict,
+                      probe_history: dict) -> dict:
+    """Per round and client: its budget, layers (and blocks), the measured peak of its
+    training step and, in rounds it ran the probe, of the probe; the larger over the budget."""
+    by_round = {}
     for number, round_layers in history.items():
         by_round[number] = {}
         for pid, layers in round_layers.items():
@@ -258,23 +286,21 @@ def summary(server: Layered, cfg, state, out: Path, task, rows: list[dict]) -> d
             if int(pid) in probe_history.get(number, []):
                 entry["probe_peak_bytes"] = notes["probe_peak_bytes"]
             entry["peak_over_budget"] = max(entry["peak_bytes"], entry.get("probe_peak_bytes", 0)) / budget
-            worst = max(worst, entry["peak_over_budget"])
             by_round[number][pid] = entry
-    counts = np.zeros(server.num_layers, dtype=int)
-    for round_layers in history.values():
-        for layers in round_layers.values():
-            counts[layers] += 1
-    extra = {"memory_model": notes.get("memory_model")}
-    if cfg.fedpruner.granularity == "block":
-        extra = {"granularity": "block", "block_memory_model": notes["block_memory_model"],
-                 "unit_pairs": notes["unit_pairs"], "unit_selections": _unit_counts(server, history, blocks)}
-    return {**own, "budgets_bytes": notes["budgets"], "client_layer_counts": notes["layers"],
-            "full_model_peak_bytes": notes["full_model_peak_bytes"],
-            "probe_peak_bytes": notes["probe_peak_bytes"], **extra, "clients_by_round": by_round,
-            "max_peak_over_budget": worst, "layer_selections": counts.tolist(),
-            "groups": state.method.get("groups", {}),
-            # The last averaged CKA matrix ([3, L, L] for FedPruner+: layers, attention, MLP).
-            "similarity": state.method.get("similarity")}
+    return by_round
+
+
+def selection_counts(clients_by_round: dict, num_layers: int, block: str | None = None) -> np.ndarray:
+    """``[layer, round]``: how many of the round's clients held each layer (with ``block``,
+    "attn" or "mlp", kept that block of it), from a summary's ``clients_by_round``. Here, not
+    in the report, so that the summary's totals and the report's picture count alike."""
+    counts = np.zeros((num_layers, max(map(int, clients_by_round), default=0)), dtype=int)
+    for number, clients in clients_by_round.items():
+        for entry in clients.values():
+            kept = entry.get("blocks") or ["attn+mlp"] * len(entry["layers"])
+            for layer, keep in zip(entry["layers"], kept, strict=True):
+                counts[layer, int(number) - 1] += block is None or block in keep
+    return counts
 
 
 def _shape(layers: list[int], blocks: list[str] | None) -> tuple:
@@ -285,15 +311,12 @@ def _shape(layers: list[int], blocks: list[str] | None) -> tuple:
     return (sum("attn" in b for b in blocks), sum("mlp" in b for b in blocks))
 
 
-def _training_peaks(server: Layered, cfg, history: dict, blocks: dict, by_capacity: dict) -> dict:
-    """The measured training-step peak of every sub-model shape the run used: the layered
-    summary's per layer count, and for FedPruner+ one fresh-process measurement per
-    ``(K^A, K^F)`` on the first sub-model of that shape (its blocks dropped, as the client
-    builds it)."""
+def _block_peaks(server: Layered, cfg, history: dict, blocks: dict) -> dict:
+    """FedPruner+: the measured training-step peak of every ``(K^A, K^F)`` the run used, one
+    fresh-process measurement on the first sub-model of that shape (its blocks dropped, as
+    the client builds it)."""
     from fedsoda.accounting import client_peak_memory  # runs a probe process
 
-    if not blocks:
-        return {(int(k),): f["client_peak_memory_bytes"] for k, f in by_capacity.items()}
     peaks = {}
     for number, round_layers in sorted(history.items(), key=lambda item: int(item[0])):
         for pid, layers in sorted(round_layers.items()):
@@ -305,11 +328,16 @@ def _training_peaks(server: Layered, cfg, history: dict, blocks: dict, by_capaci
     return peaks
 
 
-def _unit_counts(server: Layered, history: dict, blocks: dict) -> list[list[int]]:
-    """FedPruner+: how often each layer's attention and MLP block was chosen (columns)."""
-    units = np.zeros((server.num_layers, 2), dtype=int)
-    for number, round_layers in history.items():
-        for pid, layers in round_layers.items():
-            for layer, keep in zip(layers, blocks[number][pid], strict=True):
-                units[layer] += ["attn" in keep, "mlp" in keep]
-    return units.tolist()
+def _fill_block_peaks(server: Layered, own: dict, by_round: dict) -> None:
+    """FedPruner+: the layered figures' peaks from the block sub-models really trained, so
+    the comparison reads them as for whole layers: per capacity the largest of its clients'
+    sub-models, at the top the largest of all. A capacity whose clients were never sampled
+    trained nothing to measure and is left out (the comparison reads the capacities there)."""
+    largest = {}
+    for clients in by_round.values():
+        for pid, entry in clients.items():
+            k = str(server.capacity[int(pid)])
+            largest[k] = max(largest.get(k, 0), entry["peak_bytes"])
+    own["by_capacity"] = {k: {**figures, "client_peak_memory_bytes": largest[k]}
+                          for k, figures in own["by_capacity"].items() if k in largest}
+    own["client_peak_memory_bytes"] = max(largest.values())

@@ -90,9 +90,13 @@ def assignment(server: Layered, cfg, layers: tuple[int, ...]) -> Assignment:
                       batch_size=cfg.batch_size, lr=cfg.lr, mu=cfg.mu)
 
 
-def summary(server: Layered, cfg, out: Path) -> dict:
+def summary(server: Layered, cfg, out: Path, measure_peaks: bool = True) -> dict:
     """Export the adapter (every layer's LoRA); per number of layers held: trainable
-    parameters, what a client holds, and its measured peak memory in a training step."""
+    parameters, what a client holds, and its measured peak memory in a training step.
+
+    Each peak is a fresh-process training step (minutes on a real model): a caller whose
+    clients train other shapes (FedPruner+'s block sub-models) passes ``measure_peaks=False``
+    and fills ``client_peak_memory_bytes`` in, at the top and per layer count, itself."""
     from fedsoda.accounting import client_peak_memory  # runs a probe process
 
     export_peft(server.model, out / "adapter")
@@ -105,15 +109,18 @@ def summary(server: Layered, cfg, out: Path) -> dict:
         layers = sorted({round(i * (server.num_layers - 1) / max(k - 1, 1)) for i in range(k)})
         by[str(k)] = {
             "clients": server.capacity.count(k), "trainable_params": k * per_layer,
-            "client_model_bytes": base_bytes + k * layer_bytes + k * per_layer * 4,
-            "client_peak_memory_bytes": client_peak_memory(
+            "client_model_bytes": base_bytes + k * layer_bytes + k * per_layer * 4}
+        if measure_peaks:
+            by[str(k)]["client_peak_memory_bytes"] = client_peak_memory(
                 server.folder, cfg.task, cfg.batch_size, cfg.max_tokens, cfg.data_folder,
-                layers=layers)}
+                layers=layers)
     largest = by[str(max(server.capacity))]
-    return {"pruning": False, "pre_align": False, "realign": False, "accuracy_sub": None,
-            "by_capacity": by, "trainable_params": largest["trainable_params"],
-            "client_download_files": [server.files[n][1] for n in
-                                      layered_files(server.folder, range(max(server.capacity)))],
-            "client_model_bytes": largest["client_model_bytes"],
-            "client_peak_memory_bytes": largest["client_peak_memory_bytes"],
-            "full_model_bf16_bytes": server.full_bf16_bytes}
+    figures = {"pruning": False, "pre_align": False, "realign": False, "accuracy_sub": None,
+               "by_capacity": by, "trainable_params": largest["trainable_params"],
+               "client_download_files": [server.files[n][1] for n in
+                                         layered_files(server.folder, range(max(server.capacity)))],
+               "client_model_bytes": largest["client_model_bytes"],
+               "full_model_bf16_bytes": server.full_bf16_bytes}
+    if measure_peaks:
+        figures["client_peak_memory_bytes"] = largest["client_peak_memory_bytes"]
+    return figures
