@@ -6,6 +6,7 @@ import argparse
 from fedsoda import cli
 from fedsoda.comparison import ROWS, paper_rank
 from fedsoda.methods import ORDER, RECIPES, TITLES, fedbiot, fedot, fedpetuning, fedsoda
+from fedsoda.methods.hier_settings import VARIANTS, variant
 
 # The FedSODA paper's Table 2, top to bottom, as the paper spells the methods.
 PAPER = {"fedpetuning": "FedPETuning", "fedot": "FedOT", "fedbiot": "FedBiOT", "fedsoda": "FedSODA"}
@@ -15,10 +16,27 @@ def test_titles_and_order_come_from_the_method_modules():
     assert [name for name in ORDER if name in PAPER] == list(PAPER)
     assert {name: TITLES[name] for name in PAPER} == PAPER
     assert [m.TITLE for m in (fedpetuning, fedot, fedbiot, fedsoda)] == list(PAPER.values())
-    # FedPruner+ is a row of the comparison (FedPruner's block granularity), not a method.
-    assert set(TITLES) == set(ORDER) | {"fedpruner_plus"} and set(RECIPES) <= set(ORDER)
+    # FedPruner+ is a row of the comparison (FedPruner's block granularity), not a method;
+    # so are HierFedLoRA's baselines and ablations (its settings), after HierFedLoRA.
+    assert set(TITLES) == set(ORDER) | {"fedpruner_plus"} | set(VARIANTS)
+    assert set(RECIPES) <= set(ORDER)
     assert [paper_rank(name) for name in PAPER] == [0, 1, 2, 3]
-    assert paper_rank("fedx") == len(ROWS) and ROWS[-2:] == ("fedpruner", "fedpruner_plus")
+    assert paper_rank("fedx") == len(ROWS) and set(ROWS) == set(TITLES)
+    assert ROWS[ROWS.index("fedpruner") + 1] == "fedpruner_plus"
+    assert ROWS[ROWS.index("hierfedlora") + 1] == "hier_flat" and ROWS[-1] == "hier_other"
+
+
+def test_hierfedlora_rows_follow_its_settings():
+    rows = {(1, "near_iid", "1", "full"): "hier_flat",
+            (1, "near_iid", "1", "device"): "hier_depth_only",
+            (4, "near_iid", "2", "full"): "hier_group",
+            (4, "random", "auto", "auto"): "hier_random_groups",
+            (4, "near_iid", "2", "auto"): "hier_fixed_tau",
+            (4, "near_iid", "auto", "full"): "hier_fixed_depth",
+            (4, "near_iid", "auto", "auto"): "hierfedlora",
+            (4, "random", "2", "full"): "hier_other"}
+    for settings, row in rows.items():
+        assert variant(*settings) == row, settings
 
 
 def test_compare_runs_every_method_in_the_papers_order_by_default(tmp_path, monkeypatch, capsys):

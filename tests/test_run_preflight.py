@@ -67,6 +67,12 @@ def refused(argv, capsys) -> str:
     (["--set", "client_layers=4x10"] + OK, "client_layers is FedRA's setting"),
     (["--method", "fedpruner", "--set", "fedpruner.budgets=0.25x4"], "budgets"),
     (["--method", "fedpruner", "--set", "fedpruner.grouping=random"], "fedpruner.grouping"),
+    (["--method", "hierfedlora", "--clients", "4", "--clients-per-round", "4", "--set",
+      "hierfedlora.depth=12"], "hierfedlora.depth 12 exceeds the model's 10 layers"),
+    (["--method", "hierfedlora", "--clients", "4", "--clients-per-round", "4", "--set",
+      "hierfedlora.timings=/nowhere/timings.json"], "/nowhere/timings.json does not exist"),
+    (["--method", "hierfedlora", "--clients", "4", "--clients-per-round", "2"],
+     "set clients_per_round = clients (4)"),
 ])
 def test_bad_settings_stop_the_run_before_anything_starts(extra, message, tiny_model_dir, data,
                                                           tmp_path, started, capsys):

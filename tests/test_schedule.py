@@ -63,11 +63,12 @@ def test_a_hand_computed_schedule():
 def test_caps_grid_and_round_times_by_hand():
     assert tau_caps([0.0, 0.05, 0.1, 0.3]) == [4, 2, 1, 1]  # 1 + floor(3 * (1 - kl / 0.1))
     assert depth_grid(30) == (8, 15, 23, 30) and depth_grid(1) == (1,)
-    # Two devices in one group: forward 1 s, backward 0.1 s per layer, 10 steps; LoRA 1 MB a
-    # layer at 1 and 2 MB/s. Depth 2: device 0 10 (1 + 0.2) + 2 * 2 * 1 / 1 = 16 s; device 1
-    # 10 (1 + 0.2) + 4 / 2 = 14 s: the round takes 16 s.
-    times = round_times(np.array([1.0, 1.0]), np.array([0.1, 0.1]), np.array([1e6, 2e6]),
-                        [(0, 1)], (2,), steps=10, layer_bytes=1e6)
-    assert times.tolist() == [[16.0]]
+    # Two devices in one group: a step at depth 2 takes 1.2 s here; device 0 runs at this
+    # machine's speed, device 1 at half; 10 steps; LoRA 1 MB a layer at 1 and 2 MB/s.
+    # Depth 2: device 0 10 * 1.2 / 1 + 2 * 2 * 1 / 1 = 16 s; device 1 10 * 1.2 / 0.5 + 4 / 2
+    # = 26 s: the round takes 26 s. Depth 1 (a step 1.1 s): 11 + 2 = 13 and 22 + 1 = 23 s.
+    times = round_times([1.1, 1.2], np.array([1.0, 0.5]), np.array([1e6, 2e6]),
+                        [(0, 1)], (1, 2), steps=10, layer_bytes=1e6)
+    assert times.tolist() == [[pytest.approx(23.0), pytest.approx(26.0)]]
     with pytest.raises(ValueError, match="positive"):
         solve(np.zeros((1, 1)), [1], [1], (1,), 1)

@@ -81,6 +81,25 @@ def client_peak_memory(folder: Path | str, task: str, batch_size: int, max_token
     return int(run_probe("fedsoda.accounting", arguments, "memory probe")["peak_bytes"])
 
 
+def depth_cost(folder: Path | str, task: str, batch_size: int, max_tokens: int,
+               data_dir: str | None, depth: int, steps: int = 3) -> dict:
+    """A training step at fine-tuning depth ``depth`` (HierFedLoRA): the whole layered model in
+    ``folder``, LoRA on its top ``depth`` layers only, measured in a fresh process:
+    ``{"peak_bytes", "step_seconds"}`` (mean over ``steps`` steps, the first included)."""
+    from fedsoda.surgery.layered import folder_num_layers  # torch: only when measuring
+
+    total = folder_num_layers(folder)
+    if not 1 <= depth <= total:
+        raise ValueError(f"a depth is 1..{total} layers, got {depth}")
+    arguments = ["--folder", str(folder), "--task", task, "--batch-size", str(batch_size),
+                 "--max-tokens", str(max_tokens), "--steps", str(steps),
+                 "--layers", ",".join(str(i) for i in range(total)), "--top", str(depth)]
+    if data_dir:
+        arguments += ["--data-dir", str(data_dir)]
+    found = run_probe("fedsoda.accounting", arguments, "depth cost probe")
+    return {"peak_bytes": int(found["peak_bytes"]), "step_seconds": found["seconds"] / steps}
+
+
 def similarity_peak_memory(folder: Path | str, task: str, samples: int, max_tokens: int,
                            data_dir: str | None, units: bool = False) -> int:
     """Peak memory (fresh process) of FedPruner's similarity probe on the layered model in
@@ -149,16 +168,17 @@ def _probe(args: argparse.Namespace) -> dict:
         sub = open_sub_llm(args.folder)
         model, trainable = sub.model, sub.adapter_layers
     else:
-        trainable = list(range(len(layers)))
+        # --top D: LoRA on the top D layers only, nothing below them trains (a depth)
+        trainable = list(range(len(layers)))[-args.top:] if args.top else list(range(len(layers)))
         base = load_layered(args.folder, layers)
         if args.blocks:  # as the client builds it: blocks go before LoRA, so theirs is never made
             drop_blocks(base, args.blocks.split(","))
         model = attach_lora(base, trainable)
-    local_train(model, trainable, examples, args.steps, args.batch_size, 1e-4, 0.01, 0,
-                pad_id(tokenizer))
+    trained = local_train(model, trainable, examples, args.steps, args.batch_size, 1e-4, 0.01, 0,
+                          pad_id(tokenizer))
     cuda = torch.cuda.is_available()
     return {"peak_bytes": peak_bytes(cuda, baseline), "device": "cuda" if cuda else "cpu",
-            "baseline_bytes": baseline}
+            "baseline_bytes": baseline, "seconds": trained["seconds"]}
 
 
 def main() -> None:
@@ -172,6 +192,8 @@ def main() -> None:
     parser.add_argument("--layers", default=None, help="full-model layers of a layered model")
     parser.add_argument("--blocks", default=None,
                         help="per layer, the blocks it keeps (attn+mlp,mlp,attn); with --layers")
+    parser.add_argument("--top", type=int, default=0, metavar="DEPTH",
+                        help="with --layers: LoRA and training on the top DEPTH layers only")
     parser.add_argument("--similarity", type=int, default=0, metavar="SAMPLES",
                         help="measure FedPruner's similarity probe on this many examples instead")
     parser.add_argument("--units", action="store_true", help="with --similarity: FedPruner+'s")

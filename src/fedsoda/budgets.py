@@ -25,7 +25,6 @@ by 10-25 MiB between runs of the same step. Budgets come from a spec such as ``"
 from __future__ import annotations
 
 import copy
-import json
 import math
 import re
 from dataclasses import dataclass

@@ -12,8 +12,13 @@ from collections import defaultdict
 from pathlib import Path
 
 from fedsoda.methods import ORDER, TITLES
+from fedsoda.methods.hier_settings import VARIANTS, variant
 
-ROWS = (*ORDER, "fedpruner_plus")  # FedPruner+ is FedPruner's block granularity, a row of its own
+# FedPruner+ is FedPruner's block granularity, a row of its own; HierFedLoRA's baselines and
+# ablations are settings of it, each a row after it.
+ROWS = (*ORDER[: ORDER.index("fedpruner") + 1], "fedpruner_plus",
+        *[name for name in ORDER[ORDER.index("fedpruner") + 1:] if name != "hierfedlora"],
+        *VARIANTS)
 
 
 def paper_rank(method: str) -> int:
@@ -23,6 +28,9 @@ def paper_rank(method: str) -> int:
 
 def row_of(summary: dict) -> str:
     """The table row a run belongs to: its method, FedPruner+ apart from FedPruner."""
+    if summary["method"] == "hierfedlora":
+        return variant(len(summary["groups"]), summary["grouping"], summary["tau_setting"],
+                       summary["depth_setting"])
     return "fedpruner_plus" if summary.get("granularity") == "block" else summary["method"]
 
 

@@ -3,9 +3,10 @@ and fine-tuning depth ``d_m`` (method notes ``hierfedlora-method.md`` 2.3-2.4; t
 formulation could not be recovered, this is the notes' reconstruction).
 
 Time model: one intra-group round of group ``m`` at depth ``d`` takes
-``t_m(d) = max_i [E (f_i + d g_i) + 2 d s / bw_i]`` over its devices (``f_i``: a local step's
-forward through all layers, ``g_i``: its backward per trainable layer, ``s``: one layer's
-LoRA bytes, ``bw_i``: bytes per second). Progress of group ``m`` in a global round is
+``t_m(d) = max_i [E c(d) / v_i + 2 d s / bw_i]`` over its devices (``c(d)``: a local step at
+depth ``d`` as measured on this machine, the notes' ``f + d g``; ``v_i``: the device's speed
+relative to this machine; ``s``: one layer's LoRA bytes; ``bw_i``: bytes per second).
+Progress of group ``m`` in a global round is
 ``N_m tau_m phi(d_m)``, ``phi(d) = (d / L)^gamma``. With a common deadline ``T`` for the
 global round (``tau_m t_m(d_m) <= T``, ``1 <= tau_m <= cap_m``) the rate
 ``sum_m N_m tau_m phi(d_m) / T`` is maximised exactly on the candidate grid: for a fixed
@@ -38,15 +39,18 @@ def tau_caps(kl: list[float], tau_max: int = 4, kl_ref: float = 0.1) -> list[int
     return [1 + math.floor((tau_max - 1) * max(0.0, 1.0 - k / kl_ref)) for k in kl]
 
 
-def round_times(forward: np.ndarray, backward: np.ndarray, bandwidth: np.ndarray, groups,
-                depths, steps: int, layer_bytes: float) -> np.ndarray:
+def round_times(step_seconds, speed: np.ndarray, bandwidth: np.ndarray, groups, depths,
+                steps: int, layer_bytes: float) -> np.ndarray:
     """``[group, depth]`` seconds of one intra-group round: the slowest member's ``steps``
-    local steps at that depth plus its LoRA of ``d`` layers down and up."""
+    local steps at that depth plus its LoRA of ``d`` layers down and up. ``step_seconds[j]``
+    is a step at ``depths[j]`` measured on this machine (the notes' ``f + d g``, measured
+    rather than modelled); a device of relative ``speed`` takes ``step_seconds / speed``."""
+    step_seconds = np.asarray(step_seconds, dtype=float)
     times = np.zeros((len(groups), len(depths)))
     for m, members in enumerate(groups):
         idx = list(members)
         for j, d in enumerate(depths):
-            per_device = (steps * (forward[idx] + d * backward[idx])
+            per_device = (steps * step_seconds[j] / speed[idx]
                           + 2 * d * layer_bytes / bandwidth[idx])
             times[m, j] = per_device.max()
     return times
@@ -64,14 +68,17 @@ def progress(size: float, tau: int, depth: int, num_layers: int, gamma: float) -
     return size * tau * (depth / num_layers) ** gamma
 
 
-def solve(times: np.ndarray, sizes, caps, depths, num_layers: int, gamma: float = 0.5) -> Schedule:
+def solve(times: np.ndarray, sizes, caps, depths, num_layers: int, gamma: float = 0.5,
+          fixed_tau: bool = False) -> Schedule:
     """The rate-maximising ``(tau_m, d_m)`` (module docstring). Ties: the larger summed
-    depth, then the shorter deadline."""
+    depth, then the shorter deadline. ``fixed_tau``: every group runs exactly its cap (the
+    fixed-frequency ablation), only depths are chosen."""
     times = np.asarray(times, dtype=float)
     if times.shape != (len(sizes), len(depths)) or (times <= 0).any():
         raise ValueError(f"times must be positive, [groups={len(sizes)}, depths={len(depths)}], "
                          f"got shape {times.shape}")
-    floor = times.min(1).max()  # every group must fit one round at some depth
+    # Every group must fit its rounds (one, or exactly its cap) at some depth.
+    floor = (times.min(1) * (np.asarray(caps) if fixed_tau else 1)).max()
     candidates = sorted({k * t for t in times.ravel() for k in range(1, max(caps) + 1)
                          if k * t >= floor - 1e-12})
     best = None
@@ -81,7 +88,7 @@ def solve(times: np.ndarray, sizes, caps, depths, num_layers: int, gamma: float 
             options = []
             for j, d in enumerate(depths):
                 fits = math.floor(deadline / times[m, j] + 1e-9)
-                if fits >= 1:
+                if fits >= (caps[m] if fixed_tau else 1):
                     k = min(caps[m], fits)
                     options.append((progress(size, k, d, num_layers, gamma), d, k))
             gain, d, k = max(options)  # ties: the deeper (then larger tau) option
@@ -93,3 +100,36 @@ def solve(times: np.ndarray, sizes, caps, depths, num_layers: int, gamma: float 
             best = (key, Schedule(deadline=deadline, tau=tuple(tau), depth=tuple(depth),
                                   rate=total / deadline))
     return best[1]
+
+
+def device_tiers(clients: int, shares, seed: int) -> list[int]:
+    """Each device's tier: ``round(share * clients)`` devices per tier (largest remainders
+    make up the total), dealt to the devices in a seeded random order, so that tiers do not
+    follow the data partition's client order and every method of a seed gets the same."""
+    quotas = [share * clients for share in shares]
+    counts = [math.floor(q) for q in quotas]
+    for t in sorted(range(len(shares)), key=lambda t: (counts[t] - quotas[t], t))[: clients - sum(counts)]:
+        counts[t] += 1
+    order = np.random.default_rng(seed).permutation(clients)
+    tiers = [0] * clients
+    dealt = [t for t, count in enumerate(counts) for _ in range(count)]
+    for device, tier in zip(order, dealt, strict=True):
+        tiers[int(device)] = tier
+    return tiers
+
+
+def round_speeds(base, jitter: float, seed: int, round_number: int) -> np.ndarray:
+    """The devices' speeds in one global round: each its tier's speed times a lognormal
+    factor of mean 1 and log-sd ``jitter``, seeded by (seed, round)."""
+    base = np.asarray(base, dtype=float)
+    if jitter == 0:
+        return base.copy()
+    z = np.random.default_rng([seed, round_number, 7919]).standard_normal(len(base))
+    return base * np.exp(jitter * z - jitter**2 / 2)
+
+
+def device_depth(speed: float, fastest: float, depths) -> int:
+    """LEGEND-style depth from capability: the shallowest candidate depth at or above
+    ``L * speed / fastest`` (the fastest device fine-tunes every layer)."""
+    need = depths[-1] * speed / fastest
+    return next(d for d in depths if d >= need - 1e-9)

@@ -116,8 +116,20 @@ def check_model(cfg: RunConfig) -> None:
         layout_plan(recipe, cfg.model, num_layers, cfg.prune)
     elif cfg.method in BUDGETED:  # the budgets' form and count; their sizes need the model
         budgets_from_spec(cfg.fedpruner.budgets, cfg.clients, full_peak=2**40)
+    elif cfg.method == "hierfedlora":
+        check_hierfedlora(cfg, num_layers)
     else:
         capacities(cfg.client_layers, cfg.clients, num_layers)
+
+
+def check_hierfedlora(cfg: RunConfig, num_layers: int) -> None:
+    """A fixed depth within the model, and a given cost table that exists."""
+    depth = cfg.hierfedlora.depth
+    if depth.isdigit() and int(depth) > num_layers:
+        raise ValueError(f"hierfedlora.depth {depth} exceeds the model's {num_layers} layers")
+    if cfg.hierfedlora.timings and not Path(cfg.hierfedlora.timings).is_file():
+        raise FileNotFoundError(f"hierfedlora.timings: {cfg.hierfedlora.timings} does not exist; "
+                                "give a run folder's timings.json or leave it empty to measure")
 
 
 def check_data(cfg: RunConfig) -> None:

@@ -23,6 +23,9 @@ class ServerState:
     holders: dict[str, int] = field(default_factory=dict)  # node id -> emulator version held
     metrics: list[dict] = field(default_factory=list)  # one entry per finished round
     method: dict = field(default_factory=dict)  # what the method keeps between rounds (JSON)
+    # Mid-round tensors (HierFedLoRA's group LoRA between intra-group rounds), so a run
+    # stopped inside a global round resumes there; empty between rounds.
+    partial: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def save_checkpoint(state: ServerState, folder: Path | str) -> None:
@@ -34,6 +37,8 @@ def save_checkpoint(state: ServerState, folder: Path | str) -> None:
     tmp.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in state.adapter.items()}, str(tmp / "adapter.safetensors"))
     save_file({k: v.contiguous() for k, v in state.emulator.items()}, str(tmp / "emulator.safetensors"))
+    if state.partial:
+        save_file({k: v.contiguous() for k, v in state.partial.items()}, str(tmp / "partial.safetensors"))
     meta = {"round": state.round, "emulator_version": state.emulator_version,
             "holders": state.holders, "metrics": state.metrics, "method": state.method}
     (tmp / "state.json").write_text(json.dumps(meta, indent=1))
@@ -57,4 +62,6 @@ def load_checkpoint(folder: Path | str) -> ServerState:
     return ServerState(round=meta["round"], adapter=load_file(str(folder / "adapter.safetensors")),
                        emulator=load_file(str(folder / "emulator.safetensors")),
                        emulator_version=meta["emulator_version"], holders=meta["holders"],
-                       metrics=meta["metrics"], method=meta.get("method", {}))
+                       metrics=meta["metrics"], method=meta.get("method", {}),
+                       partial=load_file(str(folder / "partial.safetensors"))
+                       if (folder / "partial.safetensors").exists() else {})

@@ -2,8 +2,8 @@
 own data.
 
 Message types it answers:
-- ``query.hello``: which client (partition id) this node is, how many examples it holds,
-  and which of the run's files (by content hash) it already keeps;
+- ``query.hello``: which client (partition id) this node is, how many examples it holds
+  and of which label, and which of the run's files (by content hash) it already keeps;
 - ``query.deliver``: files it lacks, each checked against its hash, kept in its storage;
 - ``query.probe`` (FedPruner): the layers' CKA matrix and block influence on its own data;
 - ``train``: a ``TrainConfig`` (its assignment: layers held, layers trained, settings), the
@@ -28,6 +28,7 @@ import os
 import random
 import shutil
 import zlib
+from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 
@@ -128,11 +129,14 @@ def hello(message: Message, context: Context) -> Message:
     storage, data = node_storage(partition_id(context)), DataSpec.from_record(config)
     hashes = config["hashes"] if "hashes" in config else []
     held = [h for h in hashes if blob_path(storage, h).is_file()]
-    reply = MetricRecord({"partition_id": partition_id(context),
-                          "num_examples": len(client_rows(data, partition_id(context),
-                                                          data_path(context)))})
-    return Message(RecordDict({"metrics": reply, "config": ConfigRecord({"held": held})}),
-                   reply_to=message)
+    rows = client_rows(data, partition_id(context), data_path(context))
+    # The label histogram (the task's partition key: GSM8K's derived one), which group-based
+    # methods (HierFedLoRA) need; a client declares it as it declares its example count.
+    labels = Counter(get_task(data.task).partition_key(row) for row in rows)
+    reply = MetricRecord({"partition_id": partition_id(context), "num_examples": len(rows)})
+    config = ConfigRecord({"held": held, "label_keys": sorted(labels),
+                           "label_counts": [labels[k] for k in sorted(labels)]})
+    return Message(RecordDict({"metrics": reply, "config": config}), reply_to=message)
 
 
 @app.query("deliver")
@@ -240,7 +244,10 @@ def train(message: Message, context: Context) -> Message:
         if "emulator" in message.content:
             cache.invalidate()  # the fingerprint check would catch it too; say it plainly
     hits, misses = (cache.hits, cache.misses) if cache is not None else (0, 0)
-    seed = zlib.crc32(json.dumps([config.data.seed, config.round, pid]).encode())
+    # Intra-group rounds (HierFedLoRA) draw fresh batches; step 0 keeps every other
+    # method's seed as it always was.
+    seed = zlib.crc32(json.dumps([config.data.seed, config.round, pid]
+                                 + ([config.step] if config.step else [])).encode())
     result = local_train(model, [a.position(i) for i in a.trainable], examples, a.local_steps,
                          a.batch_size, a.lr, a.mu, seed, tokenizer_pad_id(str(folder)), cache=cache)
     metrics = MetricRecord({"num_examples": len(examples), "train_loss": result["loss"],

@@ -22,6 +22,7 @@ import tomli_w
 
 from fedsoda.align.settings import AlignSettings
 from fedsoda.data.scheme import PartitionScheme
+from fedsoda.methods.hier_settings import HierFedLoRASettings
 from fedsoda.methods.pruner_settings import FedPrunerSettings
 from fedsoda.surgery.plan import PruneSettings
 
@@ -61,6 +62,7 @@ class RunConfig:
     prune: PruneSettings = field(default_factory=PruneSettings)
     align: AlignSettings = field(default_factory=AlignSettings)
     fedpruner: FedPrunerSettings = field(default_factory=FedPrunerSettings)
+    hierfedlora: HierFedLoRASettings = field(default_factory=HierFedLoRASettings)
 
     def __post_init__(self) -> None:
         # Deferred: fedsoda.methods loads torch, and `fedsoda --help` reads this module's fields.
@@ -86,10 +88,20 @@ class RunConfig:
         if self.method == "fedlora_exclusive" and self.fedpruner.granularity != "layer":
             raise ValueError("fedlora_exclusive trains whole layers: fedpruner.granularity must "
                              f"be \"layer\", got {self.fedpruner.granularity!r}")
+        if self.method == "hierfedlora":
+            self._check_hierfedlora()
         from fedsoda.methods.assignment import capacities
 
         capacities(self.client_layers, self.clients, num_layers=10**6)  # format and count
         PartitionScheme.parse(self.partition)
+
+    def _check_hierfedlora(self) -> None:
+        if self.clients_per_round != self.clients:
+            raise ValueError(f"hierfedlora: every device takes part in every global round; "
+                             f"set clients_per_round = clients ({self.clients})")
+        if self.hierfedlora.groups > self.clients:
+            raise ValueError(f"hierfedlora.groups ({self.hierfedlora.groups}) cannot exceed "
+                             f"clients ({self.clients})")
 
     @property
     def data_folder(self) -> str | None:
@@ -103,8 +115,8 @@ class RunConfig:
 
 
 KINDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
-TABLES = {"prune": PruneSettings, "align": AlignSettings,  # [prune], [align], [fedpruner]
-          "fedpruner": FedPrunerSettings}
+TABLES = {"prune": PruneSettings, "align": AlignSettings,  # [prune], [align], [fedpruner], ...
+          "fedpruner": FedPrunerSettings, "hierfedlora": HierFedLoRASettings}
 
 
 def field_types(cls) -> dict[str, type]:

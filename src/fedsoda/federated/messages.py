@@ -166,6 +166,7 @@ class TrainConfig:
     data: DataSpec
     lora: LoraSpec
     activation_cache: bool = True
+    step: int = 0  # the intra-group round within the global round (HierFedLoRA), else 0
 
     @property
     def model_hash(self) -> str:
@@ -181,8 +182,9 @@ class TrainConfig:
     def to_record(self) -> ConfigRecord:
         a = self.assignment
         return _record(self.data, self.lora, a.files, {
-            "run": self.run, "round": self.round, "activation_cache": self.activation_cache,
-            "layers": list(a.layers), "trainable": list(a.trainable),
+            "run": self.run, "round": self.round, "step": self.step,
+            "activation_cache": self.activation_cache, "layers": list(a.layers),
+            "trainable": list(a.trainable),
             "frozen_lora": list(a.frozen_lora), "blocks": list(a.blocks), "kind": a.kind,
             "quantization": a.quantization, "local_steps": a.local_steps,
             "batch_size": a.batch_size, "lr": float(a.lr), "mu": float(a.mu)})
@@ -197,6 +199,8 @@ class TrainConfig:
             if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in lists[key]):
                 raise MessageError(f"{what}: {key!r} must list layer indices, got {lists[key]!r}")
         files = _files(record, what)
+        if get("step", int) < 0:
+            raise MessageError(f"{what}: 'step' must be >= 0")
         try:
             assignment = Assignment(
                 layers=tuple(lists["layers"]), trainable=tuple(lists["trainable"]),
@@ -208,7 +212,7 @@ class TrainConfig:
             raise MessageError(f"{what}: {error}") from None
         return cls(run=checked(get("run", str), KEY, "run key"), round=get("round", int),
                    assignment=assignment, data=DataSpec.from_record(record), lora=_lora(record, what),
-                   activation_cache=get("activation_cache", bool))
+                   activation_cache=get("activation_cache", bool), step=get("step", int))
 
 
 def to_record(state: dict[str, torch.Tensor]) -> ArrayRecord:

@@ -74,6 +74,7 @@ class Clients:
     node_of: dict[int, int] = field(default_factory=dict)  # client (partition) id -> node id
     declared: dict[int, int] = field(default_factory=dict)  # client id -> examples it holds
     held: dict[int, set[str]] = field(default_factory=dict)  # client id -> file hashes held
+    labels: dict[int, dict[int, int]] = field(default_factory=dict)  # client id -> label -> examples
 
 
 def handshake(grid: Grid, nodes: list[int], cfg: RunConfig, hashes: list[str]) -> Clients:
@@ -93,11 +94,26 @@ def handshake(grid: Grid, nodes: list[int], cfg: RunConfig, hashes: list[str]) -
         clients.node_of[pid] = reply.metadata.src_node_id
         clients.declared[pid] = min(count, cfg.max_examples) if cfg.max_examples else count
         clients.held[pid] = set(hashes) & set(reply.content["config"]["held"])
+        clients.labels[pid] = declared_labels(reply.content["config"], count, pid)
     missing = sorted(set(range(cfg.clients)) - set(clients.node_of))
     if missing:
         raise RuntimeError(f"no node serves client ids {missing[:5]}; every SuperNode needs a "
                            f"distinct partition-id in 0..{cfg.clients - 1}")
     return clients
+
+
+def declared_labels(config, count: int, pid: int) -> dict[int, int]:
+    """A hello reply's label histogram, checked: one count >= 0 per distinct label, summing
+    to the examples the client declared."""
+    keys = list(config["label_keys"]) if "label_keys" in config else []
+    counts = list(config["label_counts"]) if "label_counts" in config else []
+    plain = all(isinstance(v, int) and not isinstance(v, bool) for v in keys + counts)
+    if not plain or len(keys) != len(counts) or len(set(keys)) != len(keys) \
+            or any(c < 0 for c in counts) or sum(counts) != count:
+        raise RuntimeError(f"client {pid} declared a malformed label histogram (keys {keys[:5]}, "
+                           f"counts {counts[:5]} for {count} examples); it must run this "
+                           "version of fedsoda")
+    return dict(zip(keys, counts, strict=True))
 
 
 def deliver(grid: Grid, clients: Clients, assignments: dict[int, Assignment],
@@ -147,13 +163,16 @@ def exchange(session: Session, messages: list[Message]):
 
 
 def train_message(session: Session, state: ServerState, pid: int, assignment: Assignment,
-                  round_log: RoundLog) -> Message:
-    """One client's train message: its assignment, its layers' global LoRA, and the
-    emulator LoRA if its copy is stale (counted as joining the first time)."""
+                  round_log: RoundLog, base: dict | None = None, step: int = 0) -> Message:
+    """One client's train message: its assignment, its layers' LoRA from ``base`` (the
+    global LoRA unless a group's is given), and the emulator LoRA if its copy is stale
+    (counted as joining the first time)."""
     cfg = session.cfg
     config = TrainConfig(run=run_key(cfg), round=state.round + 1, assignment=assignment,
-                         data=data_spec(cfg), lora=session.server.lora, activation_cache=cfg.activation_cache)
-    adapter = to_record(expected_update(state.adapter, assignment.trainable, assignment))
+                         data=data_spec(cfg), lora=session.server.lora,
+                         activation_cache=cfg.activation_cache, step=step)
+    adapter = to_record(expected_update(state.adapter if base is None else base,
+                                        assignment.trainable, assignment))
     content = RecordDict({"adapter": adapter, "config": config.to_record()})
     round_log.down(adapter)
     if assignment.frozen_lora and state.holders.get(str(pid), -1) < state.emulator_version:
@@ -169,9 +188,12 @@ def train_message(session: Session, state: ServerState, pid: int, assignment: As
 
 
 def train_round(session: Session, state: ServerState, assignments: dict[int, Assignment],
-                round_log: RoundLog) -> list[Reply]:
-    """Send train messages; return the accepted replies, screened per assignment."""
-    messages = [train_message(session, state, pid, a, round_log)
+                round_log: RoundLog, bases: dict[int, dict] | None = None,
+                step: int = 0) -> list[Reply]:
+    """Send train messages; return the accepted replies, screened per assignment. ``bases``
+    gives a client the LoRA it starts from (its group's) instead of the global one."""
+    bases = bases or {}
+    messages = [train_message(session, state, pid, a, round_log, bases.get(pid), step)
                 for pid, a in sorted(assignments.items())]
     accepted, errors, answered = [], [], set()
     for pid, reply in exchange(session, messages):
@@ -185,7 +207,8 @@ def train_round(session: Session, state: ServerState, assignments: dict[int, Ass
         answered.add(pid)
         if "adapter" in reply.content and isinstance(reply.content["adapter"], ArrayRecord):
             round_log.up(reply.content["adapter"])  # what arrived counts, accepted or not
-        expected = expected_update(state.adapter, assignments[pid].trainable, assignments[pid])
+        expected = expected_update(bases.get(pid, state.adapter), assignments[pid].trainable,
+                                   assignments[pid])
         result = screen_reply(reply.content, pid, expected, session.clients.declared[pid])
         if isinstance(result, str):
             round_log.reject(pid, result)
@@ -241,6 +264,11 @@ def sample_clients(cfg: RunConfig, round_number: int) -> list[int]:
 def play_round(session: Session, state: ServerState) -> tuple[RoundLog, dict]:
     """One round: assign, deliver, train, aggregate, let the method act, maybe evaluate."""
     cfg, method, server = session.cfg, session.method, session.server
+    if hasattr(method, "plan_groups"):  # HierFedLoRA: groups train apart, then merge
+        # Deferred: the hierarchy module builds on this one's round functions.
+        from fedsoda.federated.hierarchy import play_group_round
+
+        return play_group_round(session, state)
     began = time.perf_counter()
     sampled = sample_clients(cfg, state.round + 1)
     round_log = RoundLog(state.round + 1)
@@ -279,6 +307,8 @@ def start(grid: Grid, cfg: RunConfig, resume: bool) -> tuple[Session, ServerStat
     method.load_state(server, state)
     paths = {digest: path for digest, path in server.files.values()}
     clients = handshake(grid, wait_for_nodes(grid, cfg.clients), cfg, list(paths))
+    if hasattr(method, "meet_clients"):  # what a method needs of the handshake (label mixes)
+        method.meet_clients(server, cfg, state, clients.declared, clients.labels)
     # What each client declared of its own data (the server never reads clients' data).
     (out / "clients.json").write_text(json.dumps(
         {str(pid): {"examples": clients.declared[pid], "files_held": len(clients.held[pid])}

@@ -4,9 +4,10 @@ a few layers can still probe the whole model (FedPruner's per-round similarity).
 One single-layer causal LM is built from the layered files (``fedsoda.surgery.layered``); for
 each full-model layer in turn its weights (and its LoRA) are loaded into that one layer, the
 batch's hidden states go through it, and the next layer replaces it. At no time is more than
-one decoder layer in memory (the embedding matrix only while the inputs are embedded). The layer's output equals what the whole
-model computes there: the attention mask and rotary positions are made from the same
-sequence, and nothing else crosses layers but the hidden state.
+one decoder layer in memory (and the embedding matrix only while the inputs are embedded).
+The layer's output equals what the whole model computes there: the attention mask and
+rotary positions are made from the same sequence, and nothing else crosses layers but the
+hidden state.
 """
 
 from __future__ import annotations
