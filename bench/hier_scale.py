@@ -8,7 +8,8 @@ top quarter of SmolLM2's layers; 1 local step; groups of 10) goes through Flower
 simulation engine, as `fedsoda run` does. Recorded per count: the round's real seconds
 (training, aggregation and the final evaluation on ``--eval-limit`` examples), the server
 process's peak RSS (``VmHWM``, reset before each count: the ServerApp runs in this
-process) and the peak of the RSS summed over this process and every process under it (Ray's workers, sampled every 0.2 s).
+process) and the peak of the RSS summed over this process and every process under it
+(Ray's workers, sampled every 0.2 s).
 The clients share one read-only copy of the weights per Ray worker (the worker's model
 cache), so memory should grow only with the LoRA and data each client adds.
 """
