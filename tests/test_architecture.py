@@ -34,7 +34,8 @@ ALLOWED: dict[str, set[str]] = {
     "methods": BELOW_METHODS,
     "federated": BELOW_METHODS | {"methods"},
     "planner": {"models", "surgery", "methods", "federated"},  # federated: RunConfig's defaults
-    "comparison": {"methods"},
+    "clock_report": {"methods"},
+    "comparison": {"methods", "clock_report"},
     "benchmark": {"models", "data", "surgery", "activation_cache", "training", "accounting"},
     "commands": BELOW_METHODS | {"methods", "federated", "planner", "comparison", "benchmark"},
     "cli": {"models", "data", "surgery", "align", "methods", "federated", "commands"},

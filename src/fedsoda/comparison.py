@@ -11,6 +11,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from fedsoda.clock_report import plot_accuracy_time, time_table
 from fedsoda.methods import ORDER, TITLES
 from fedsoda.methods.hier_settings import VARIANTS, variant
 
@@ -254,4 +255,9 @@ def write_report(run_folders: list[Path | str], out: Path | str) -> list[dict]:
     (out / "table.json").write_text(json.dumps({"rows": rows, "runs": [r["folder"] for r in runs]},
                                                indent=2) + "\n")
     plot_comparison(runs, out / "compare.png")
+    timed = time_table(runs, row_of, paper_rank)
+    if timed:  # HierFedLoRA and its baselines: time to accuracy on the simulated clock
+        with open(out / "table.md", "a") as handle:
+            handle.write("\nTime to accuracy on the simulated device tiers:\n\n" + timed)
+        plot_accuracy_time(runs, out / "accuracy_time.png", row_of, paper_rank)
     return rows
