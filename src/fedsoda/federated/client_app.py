@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from transformers import AutoTokenizer
 
 from fedsoda.activation_cache import ActivationCache, MiB
 from fedsoda.data.partition import task_partitions
@@ -103,24 +104,36 @@ def data_path(context: Context) -> str:
     return str(context.node_config.get("data-path", "") or "")
 
 
-@lru_cache(maxsize=4)
+# A simulation actor serves many clients (80 in HierFedLoRA's scale run): each keeps its
+# rows and examples here, and the shared data set's partition is drawn once per process
+# (2 s for SST-2), not once per client it serves.
+CLIENTS_KEPT = 128
+
+
+@lru_cache(maxsize=2)
+def _partitions(data: DataSpec) -> tuple[list[dict], list[list[int]]]:
+    return task_partitions(data.task, data.clients, data.partition, data.seed, data.data_dir or None)
+
+
+@lru_cache(maxsize=CLIENTS_KEPT)
 def client_rows(data: DataSpec, pid: int, own: str) -> list[dict]:
     """This client's training rows: its own file (node config ``data-path``) or, without
     one, its partition ``pid`` of the shared data set."""
     if own:
         return read_client_rows(get_task(data.task), own)
-    rows, parts = task_partitions(data.task, data.clients, data.partition, data.seed,
-                                  data.data_dir or None)
+    rows, parts = _partitions(data)
     return [rows[i] for i in parts[pid]]
 
 
-@lru_cache(maxsize=4)
-def _examples(data: DataSpec, pid: int, own: str, tokenizer_folder: str) -> EncodedExamples:
-    from transformers import AutoTokenizer
+@lru_cache(maxsize=8)
+def _tokenizer(folder: str):
+    return AutoTokenizer.from_pretrained(folder)
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
-    return EncodedExamples(get_task(data.task), client_rows(data, pid, own), tokenizer,
-                           data.max_tokens)
+
+@lru_cache(maxsize=CLIENTS_KEPT)
+def _examples(data: DataSpec, pid: int, own: str, tokenizer_folder: str) -> EncodedExamples:
+    return EncodedExamples(get_task(data.task), client_rows(data, pid, own),
+                           _tokenizer(tokenizer_folder), data.max_tokens)
 
 
 @app.query("hello")
@@ -288,8 +301,5 @@ def probe(message: Message, context: Context) -> Message:
     return Message(RecordDict({"probe": to_record(arrays), "metrics": metrics}), reply_to=message)
 
 
-@lru_cache(maxsize=4)
 def tokenizer_pad_id(folder: str) -> int:
-    from transformers import AutoTokenizer
-
-    return pad_id(AutoTokenizer.from_pretrained(folder))
+    return pad_id(_tokenizer(folder))
