@@ -128,7 +128,7 @@ def test_steady_state_comm_is_adapter_both_ways_plus_the_emulator_per_period(met
 
 def test_unknown_method_and_too_few_adapter_layers_for_fedot_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="one of fedpetuning, fedot, fedbiot, fedsoda, fedra, "
-                                         "fedlora_exclusive, fedpruner, got 'fedx'"):
+                                         "fedlora_exclusive, fedpruner, hierfedlora, got 'fedx'"):
         load_config(None, ["method=fedx"])
     with pytest.raises(ValueError, match="adapter_layers > 1"):
         make_plan(get_recipe("fedot"), "tiny", tiny_model(), None,
