@@ -22,12 +22,13 @@ from fedsoda.aggregation import layerwise_fedavg
 from fedsoda.federated.checkpoint import ServerState, save_checkpoint
 from fedsoda.federated.report import RoundLog
 from fedsoda.federated.server_app import Session, deliver, train_round
+from fedsoda.surgery.lora import layer_of
 
 
 def _group_lora(adapter: dict[str, torch.Tensor], layers) -> dict[str, torch.Tensor]:
     """The tensors of ``adapter`` on full-model ``layers`` (a group's LoRA)."""
-    wanted = {f".layers.{i}." for i in layers}
-    return {k: v.clone() for k, v in adapter.items() if any(w in k for w in wanted)}
+    wanted = set(layers)
+    return {k: v.clone() for k, v in adapter.items() if layer_of(k) in wanted}
 
 
 def _pack(states: dict[int, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
