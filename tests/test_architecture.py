@@ -17,7 +17,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "fedsoda"
 # Each fedsoda package (or top-level module) -> the other ones it may import. Arrows point
 # down: core libraries at the bottom, then the methods, the runtime, the tools, the CLI.
 BELOW_METHODS = {"models", "data", "surgery", "align", "evaluate", "activation_cache",
-                 "training", "accounting", "aggregation", "budgets", "schedule"}
+                 "training", "accounting", "aggregation", "budgets", "schedule", "wire",
+                 "wire_settings"}
 ALLOWED: dict[str, set[str]] = {
     "__init__": set(),
     "models": set(),
@@ -31,14 +32,18 @@ ALLOWED: dict[str, set[str]] = {
     "aggregation": {"models", "surgery"},
     "budgets": {"models", "surgery", "accounting"},
     "schedule": set(),
+    "wire_settings": set(),
+    "wire": {"wire_settings"},
     "methods": BELOW_METHODS,
     "federated": BELOW_METHODS | {"methods"},
-    "planner": {"models", "surgery", "methods", "federated"},  # federated: RunConfig's defaults
+    # planner imports federated for RunConfig's defaults
+    "planner": {"models", "surgery", "methods", "federated", "wire", "wire_settings"},
     "clock_report": {"methods"},
     "comparison": {"methods", "clock_report"},
     "benchmark": {"models", "data", "surgery", "activation_cache", "training", "accounting"},
     "commands": BELOW_METHODS | {"methods", "federated", "planner", "comparison", "benchmark"},
-    "cli": {"models", "data", "surgery", "align", "methods", "federated", "commands"},
+    "cli": {"models", "data", "surgery", "align", "methods", "federated", "commands",
+            "wire_settings"},
 }
 # Third-party runtimes only some places may import: flwr (and the Ray it starts) only in the
 # runtime; Flower Datasets, a data library, only where clients' partitions are drawn.

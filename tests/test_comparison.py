@@ -5,7 +5,7 @@ import json
 import pytest
 
 from fedsoda.cli import main
-from fedsoda.comparison import read_run, rounds_table, table_rows
+from fedsoda.comparison import markdown_table, read_run, rounds_table, table_rows
 
 
 def fake_run(folder, method, seed, accuracy, comm_per_round=2_000_000.0, **changes):
@@ -40,10 +40,12 @@ def test_rows_pool_seeds_into_mean_and_sample_spread(tmp_path):
 
 def test_report_writes_table_and_plot_and_refuses_mixed_settings(tmp_path, capsys):
     a = fake_run(tmp_path / "a", "fedsoda", 0, 0.81)
-    b = fake_run(tmp_path / "b", "fedbiot", 0, 0.83, comm_per_round=5_000_000.0)
+    # 2 rounds x 5 clients x 2.5 MiB: 2.50 MiB per client and round.
+    b = fake_run(tmp_path / "b", "fedbiot", 0, 0.83, comm_per_round=5_000_000.0,
+                 comm_bytes_total=2 * 5 * 5 * 2**19)
     assert main(["report", str(a), str(b), "--out", str(tmp_path / "report")]) == 0
     table = (tmp_path / "report" / "table.md").read_text()
-    assert "| FedBiOT | ✓ | ✓ | ✓ | 83.0 ± 0.0 | 73.0 ± 0.0 | 244.2K | 1.00M | 87.8 MiB |" in table
+    assert "| FedBiOT | ✓ | ✓ | ✓ | 83.0 ± 0.0 | 73.0 ± 0.0 | 244.2K | 1.00M | 2.50 MiB | 87.8 MiB |" in table
     assert "| FedBiOT | 83.0 | – | – | – |" in table  # the by-round table: its round 2
     assert (tmp_path / "report" / "compare.png").stat().st_size > 0
     c = fake_run(tmp_path / "c", "fedot", 0, 0.7, task="boolq")
@@ -142,3 +144,13 @@ def test_fedpruner_plus_is_a_row_of_its_own_and_the_memory_table_shows_budgets(t
     assert "| FedPruner | 5: 235 MiB, 30: 910 MiB | 205 MiB | 0.950 |" in table
     assert "| FedPruner+ | 7: 300 MiB | 220 MiB | 0.970 |" in table
     assert "FedPETuning | 1" not in table.split("Client memory")[1]  # no sub-models: no line
+
+
+def test_a_wire_format_is_a_row_of_its_own_after_its_methods_fp32_row(tmp_path):
+    runs = [read_run(fake_run(tmp_path / name, "fedsoda", 0, acc, **extra))
+            for name, acc, extra in (("nf4", 0.80, {"wire": "nf4", "comm_bytes_total": 2 * 5 * 1536}),
+                                     ("fp32", 0.81, {}), ("int8", 0.79, {"wire": "int8 EF none"}))]
+    rows = table_rows(runs)
+    assert [r["method"] for r in rows] == ["fedsoda", "fedsoda @ int8 EF none", "fedsoda @ nf4"]
+    table = markdown_table(rows, runs)
+    assert "| FedSODA (nf4) | ✓ | ✓ | ✓ | 80.0 ± 0.0 |" in table and "| 1.5 KiB |" in table

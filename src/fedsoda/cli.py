@@ -11,6 +11,7 @@ import sys
 from fedsoda.align.settings import AlignSettings
 from fedsoda.federated.config import RunConfig, field_types
 from fedsoda.surgery.plan import LAYOUT_FIELDS, TOKENS, PruneSettings
+from fedsoda.wire_settings import WireSettings
 
 PRUNE_NOTES = {"n": "layers pruned per group", "p": "number of groups"}
 BUILD_ALIGN = ("samples", "heldout", "seq_len", "batch_size", "epochs", "seed", "lr", "alpha", "beta")
@@ -143,6 +144,13 @@ def _add_plan(commands) -> None:
     parser.add_argument("--realign-every", type=int, default=run["realign_every"],
                         help="FedSODA's r")
     _add_fields(parser, PruneSettings, LAYOUT_FIELDS, notes=PRUNE_NOTES)
+    parser.add_argument("--lora-r", type=int, default=8)
+    parser.add_argument("--lora-targets", default="all",
+                        help="projections with LoRA: all (ours: the seven), mlp (gate, up, down: "
+                             "what the paper's 1.3M trainable parameters on LLaMA3-8B imply), "
+                             "or a comma-separated list")
+    parser.add_argument("--wire-block", type=int, default=WireSettings().block,
+                        help="values per absmax block of the int8 and nf4 wire formats")
     parser.add_argument("--out", default=None)
 
 

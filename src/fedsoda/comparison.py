@@ -22,17 +22,31 @@ ROWS = (*ORDER[: ORDER.index("fedpruner") + 1], "fedpruner_plus",
         *VARIANTS)
 
 
-def paper_rank(method: str) -> int:
-    """Position in the paper's table; methods it does not have come last."""
-    return ROWS.index(method) if method in ROWS else len(ROWS)
+WIRE = " @ "  # a row of runs that sent LoRA in another wire format: "fedsoda @ nf4"
+
+
+def paper_rank(method: str) -> tuple[int, str]:
+    """Position in the paper's table (methods it does not have come last), each method's
+    wire formats after its fp32 row."""
+    base, _, wire = method.partition(WIRE)
+    return (ROWS.index(base) if base in ROWS else len(ROWS)), wire
+
+
+def title(row: str) -> str:
+    base, _, wire = row.partition(WIRE)
+    return TITLES.get(base, base) + (f" ({wire})" if wire else "")
 
 
 def row_of(summary: dict) -> str:
-    """The table row a run belongs to: its method, FedPruner+ apart from FedPruner."""
+    """The table row a run belongs to: its method, FedPruner+ apart from FedPruner, and a
+    row of its own for each wire format other than fp32."""
     if summary["method"] == "hierfedlora":
-        return variant(len(summary["groups"]), summary["grouping"], summary["tau_setting"],
+        base = variant(len(summary["groups"]), summary["grouping"], summary["tau_setting"],
                        summary["depth_setting"])
-    return "fedpruner_plus" if summary.get("granularity") == "block" else summary["method"]
+    else:
+        base = "fedpruner_plus" if summary.get("granularity") == "block" else summary["method"]
+    wire = summary.get("wire", "fp32")
+    return base if wire == "fp32" else f"{base}{WIRE}{wire}"
 
 
 def read_run(folder: Path | str) -> dict:
@@ -85,6 +99,8 @@ def table_rows(runs: list[dict]) -> list[dict]:
             "trainable_params": first["trainable_params"],
             "comm_params_per_round_per_client": statistics.fmean(per_client_comm(s) for s in group),
             "comm_bytes_total": statistics.fmean(s["comm_bytes_total"] for s in group),
+            "comm_bytes_per_round_per_client": statistics.fmean(
+                s["comm_bytes_total"] / s["rounds"] / s["clients_per_round"] for s in group),
             "client_model_bytes": first["client_model_bytes"],
             "client_peak_memory_bytes": statistics.fmean(s["client_peak_memory_bytes"] for s in group),
             "wall_seconds": statistics.fmean(s["wall_seconds"] for s in group),
@@ -104,6 +120,10 @@ def _size(value: float) -> str:
     return f"{value / 2**20:.1f} MiB"
 
 
+def _traffic(value: float) -> str:
+    return f"{value / 2**20:.2f} MiB" if value >= 2**20 else f"{value / 2**10:.1f} KiB"
+
+
 def markdown_table(rows: list[dict], runs: list[dict]) -> str:
     """Table 2 of the FedSODA paper, for our model: one line per method."""
     first = runs[0]["summary"]
@@ -115,16 +135,18 @@ def markdown_table(rows: list[dict], runs: list[dict]) -> str:
         f"{first['eval_examples']} validation examples, mean ± spread (sample std) over seeds.",
         "",
         "| Method | Pruning | Pre-align | Realign | Accuracy | Sub-model acc. | # Tr. Params "
-        "| # Comm. Params (/round/client) | Client model size | Client peak memory | Seeds |",
-        "|---|:-:|:-:|:-:|---|---|---|---|---|---|---|",
+        "| # Comm. Params (/round/client) | Comm. bytes (/round/client) | Client model size "
+        "| Client peak memory | Seeds |",
+        "|---|:-:|:-:|:-:|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
-            f"| {TITLES.get(row['method'], row['method'])} | {mark[row['pruning']]} "
+            f"| {title(row['method'])} | {mark[row['pruning']]} "
             f"| {mark[row['pre_align']]} | {mark[row['realign']]} "
             f"| {100 * row['accuracy']:.1f} ± {100 * row['accuracy_spread']:.1f} "
             f"| {_percent(row['accuracy_sub'], row['accuracy_sub_spread'])} "
             f"| {_count(row['trainable_params'])} | {_count(row['comm_params_per_round_per_client'])} "
+            f"| {_traffic(row['comm_bytes_per_round_per_client'])} "
             f"| {_size(row['client_model_bytes'])} | {_size(row['client_peak_memory_bytes'])} "
             f"| {','.join(map(str, row['seeds']))} |")
     return "\n".join(lines) + "\n"
@@ -167,7 +189,7 @@ def rounds_table(runs: list[dict]) -> str:
                 for option in options))
         else:
             cells.append("–")
-        lines.append(f"| {TITLES.get(method, method)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {title(method)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -195,7 +217,7 @@ def memory_table(runs: list[dict]) -> str:
         peaks = ", ".join(f"{k}: {_mean_peak(group, k) / 2**20:.0f} MiB" for k in counts)
         probe = [s["probe_peak_bytes"] for s in group if "probe_peak_bytes" in s]
         ratio = [s["max_peak_over_budget"] for s in group if "max_peak_over_budget" in s]
-        lines.append(f"| {TITLES.get(method, method)} | {peaks} "
+        lines.append(f"| {title(method)} | {peaks} "
                      f"| {f'{statistics.fmean(probe) / 2**20:.0f} MiB' if probe else '–'} "
                      f"| {f'{max(ratio):.3f}' if ratio else '–'} |")
     return "\n".join(lines) + "\n"
@@ -218,7 +240,7 @@ def plot_comparison(runs: list[dict], path: Path) -> None:
             total += m["bytes_down"] + m["bytes_up"]
             if "accuracy" in m:
                 points.append((m["round"], total / 2**20, m["accuracy"]))
-        label = None if method in labelled else TITLES.get(method, method)
+        label = None if method in labelled else title(method)
         labelled.add(method)
         style = {"color": colours.get(method), "marker": "o", "label": label}
         by_round.plot([p[0] for p in points], [p[2] for p in points], **style)

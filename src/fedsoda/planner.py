@@ -22,12 +22,16 @@ from fedsoda.federated.config import RunConfig
 from fedsoda.methods import RECIPES
 from fedsoda.methods.client_model import build_client_model
 from fedsoda.methods.recipe import Recipe
-from fedsoda.surgery.lora import LoraSpec, lora_numel
+from fedsoda.surgery.lora import LoraSpec, lora_numel, lora_sizes
 from fedsoda.surgery.plan import PruneSettings
 from fedsoda.surgery.quantize import dense_bytes, nf4_storage_bytes
+from fedsoda.wire import FORMATS, encoded_bytes
 
 PAPER_MODELS = ("llama3-8b", "qwen2-7b", "mistral-7b")
 RUN = RunConfig()
+# FedSODA's communication per round on BoolQ at n=3, p=4, r=5 (MB/round: Table 4 for
+# LLaMA3-8B, Tables 7 and 8 for Qwen2-7B and Mistral-7B).
+PAPER_MB_PER_ROUND = {"llama3-8b": 1.43, "qwen2-7b": 1.57, "mistral-7b": 1.43}
 
 
 def load_model_config(name_or_path: str) -> PretrainedConfig:
@@ -61,9 +65,16 @@ def saved_activation_bytes(config: PretrainedConfig, batch: int, seq: int, layer
     return 2 * batch * seq * layers * per_token
 
 
+def _wire_bytes(sizes: list[int], fmt: str, block: int) -> int:
+    """Bytes of LoRA tensors of ``sizes`` values in wire format ``fmt``."""
+    return sum(encoded_bytes(numel, fmt, block) for numel in sizes)
+
+
 def method_figures(recipe: Recipe, config: PretrainedConfig, settings: PruneSettings,
-                   spec: LoraSpec, realign_every: int, batch: int, seq: int) -> dict:
-    """One method's per-client figures for the model of ``config``."""
+                   spec: LoraSpec, realign_every: int, batch: int, seq: int,
+                   block: int = 64) -> dict:
+    """One method's per-client figures for the model of ``config``; bytes on the wire per
+    round in every wire format (``block`` values per absmax block)."""
     with torch.device("meta"):
         full: nn.Module = AutoModelForCausalLM.from_config(config)
     sub = build_client_model(recipe, "planner", full, None, settings, None, folder=None,
@@ -73,12 +84,18 @@ def method_figures(recipe: Recipe, config: PretrainedConfig, settings: PruneSett
     adapter = lora_numel(model, sub.adapter_layers)
     emulator = lora_numel(model, sub.emulator_layers)
     comm = int(recipe.comm_per_round(adapter, emulator, realign_every))
+    adapter_sizes = lora_sizes(model, sub.adapter_layers)
+    emulator_sizes = lora_sizes(model, sub.emulator_layers)
+    wire = {fmt: int(recipe.comm_per_round(_wire_bytes(adapter_sizes, fmt, block),
+                                           _wire_bytes(emulator_sizes, fmt, block), realign_every))
+            for fmt in FORMATS}
     lora_bytes = 4 * (adapter + emulator)  # LoRA tensors are held and sent in float32
     # Backward runs from the lowest trainable layer up; below it, no graph is kept.
     graph_layers = plan.sub_num_layers - min(plan.sub_adapter_layers)
     step_memory = (weights + lora_bytes + 3 * 4 * adapter  # gradient + two AdamW moments
                    + saved_activation_bytes(config, batch, seq, graph_layers))
     return {"trainable_params": adapter, "comm_params_per_round": comm,
+            "comm_bytes_per_round": wire,
             "client_model_bytes": weights + lora_bytes, "step_memory_bytes": step_memory,
             "emulator_lora_params": emulator, "kept_layers": plan.sub_num_layers,
             "adapter_layers": plan.full_adapter_layers, "quantization": recipe.quantization,
@@ -87,7 +104,8 @@ def method_figures(recipe: Recipe, config: PretrainedConfig, settings: PruneSett
 
 def plan_methods(model_config: str, settings: PruneSettings = PruneSettings(),
                  spec: LoraSpec = LoraSpec(), realign_every: int = RUN.realign_every,
-                 batch: int = RUN.batch_size, seq: int = RUN.max_tokens) -> dict:
+                 batch: int = RUN.batch_size, seq: int = RUN.max_tokens,
+                 block: int = RUN.wire.block) -> dict:
     """Every method's figures for one model: the JSON ``fedsoda plan`` writes. The step and
     the schedule default to a run's (``RunConfig``)."""
     config = load_model_config(model_config)
@@ -95,9 +113,12 @@ def plan_methods(model_config: str, settings: PruneSettings = PruneSettings(),
             "assumptions": {"n": settings.n, "p": settings.p,
                             "adapter_layers": settings.adapter_layers, "lora_r": spec.r,
                             "lora_targets": list(spec.targets), "realign_every": realign_every,
+                            "wire_block": block,
                             "batch_size": batch, "seq_len": seq,
                             "comm": "per client and round, download plus upload, in parameters; "
-                                    "emulator LoRA amortized over the realignment period"},
+                                    "emulator LoRA amortized over the realignment period; "
+                                    "comm_bytes_per_round: the same in bytes, per wire format"},
+            "paper_mb_per_round": PAPER_MB_PER_ROUND.get(model_config),
             "methods": {name: method_figures(recipe, config, settings, spec, realign_every,
-                                             batch, seq)
+                                             batch, seq, block)
                         for name, recipe in RECIPES.items()}}

@@ -26,6 +26,9 @@ class ServerState:
     # Mid-round tensors (HierFedLoRA's group LoRA between intra-group rounds), so a run
     # stopped inside a global round resumes there; empty between rounds.
     partial: dict[str, torch.Tensor] = field(default_factory=dict)
+    # The server's broadcast rounding residuals (quantized wire with error feedback down),
+    # named "scope/tensor"; empty for fp32.
+    wire_residual: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def save_checkpoint(state: ServerState, folder: Path | str) -> None:
@@ -37,8 +40,9 @@ def save_checkpoint(state: ServerState, folder: Path | str) -> None:
     tmp.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in state.adapter.items()}, str(tmp / "adapter.safetensors"))
     save_file({k: v.contiguous() for k, v in state.emulator.items()}, str(tmp / "emulator.safetensors"))
-    if state.partial:
-        save_file({k: v.contiguous() for k, v in state.partial.items()}, str(tmp / "partial.safetensors"))
+    for name, tensors in (("partial", state.partial), ("wire_residual", state.wire_residual)):
+        if tensors:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / f"{name}.safetensors"))
     meta = {"round": state.round, "emulator_version": state.emulator_version,
             "holders": state.holders, "metrics": state.metrics, "method": state.method}
     (tmp / "state.json").write_text(json.dumps(meta, indent=1))
@@ -63,5 +67,9 @@ def load_checkpoint(folder: Path | str) -> ServerState:
                        emulator=load_file(str(folder / "emulator.safetensors")),
                        emulator_version=meta["emulator_version"], holders=meta["holders"],
                        metrics=meta["metrics"], method=meta.get("method", {}),
-                       partial=load_file(str(folder / "partial.safetensors"))
-                       if (folder / "partial.safetensors").exists() else {})
+                       partial=_optional(folder / "partial.safetensors"),
+                       wire_residual=_optional(folder / "wire_residual.safetensors"))
+
+
+def _optional(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path)) if path.exists() else {}

@@ -49,9 +49,10 @@ from fedsoda.federated.messages import (
     ProbeConfig,
     TrainConfig,
     checked,
-    from_record,
     read_blobs,
+    read_lora_record,
     to_record,
+    wire_record,
 )
 from fedsoda.models import cache_dir
 from fedsoda.surgery.blocks import drop_blocks
@@ -69,6 +70,7 @@ from fedsoda.surgery.lora import (
 from fedsoda.surgery.quantize import load_client_weights
 from fedsoda.surgery.streamed import streamed_probe
 from fedsoda.training import configure_threads, local_train, probe_batches
+from fedsoda.wire import encode
 
 app = ClientApp()
 CACHE_MIB = 256  # activation cache kept in memory; the rest spills to the client's storage
@@ -220,15 +222,15 @@ def cache_enabled(config: TrainConfig) -> bool:
 
 
 def prepared_model(storage: Path, config: TrainConfig,
-                   content: RecordDict) -> tuple[torch.nn.Module, Path]:
+                   content: RecordDict) -> tuple[torch.nn.Module, Path, dict]:
     """The client model of the assignment holding the run's emulator LoRA and the global LoRA,
-    and the folder it was built from."""
+    the folder it was built from, and the global LoRA as decoded (full-model names)."""
     a = config.assignment
     if a.blocks and a.kind != "layers":
         raise MessageError("blocks can be dropped only from a layered client model")
     emulator = emulator_path(storage, config.run)
     if "emulator" in content:  # the run's first round here, or a realignment
-        save_lora(from_record(content["emulator"]), emulator)
+        save_lora(read_lora_record(content["emulator"], config.wire), emulator)
     if a.frozen_lora and not emulator.exists():
         raise FileNotFoundError(f"client {storage.name} holds no emulator LoRA of run "
                                 f"{config.run} ({emulator}); the server sends it with a run's "
@@ -239,8 +241,43 @@ def prepared_model(storage: Path, config: TrainConfig,
                           tuple(a.position(i) for i in a.lora_layers), config.lora, a.blocks)
     if a.frozen_lora:
         load_lora_state(model, to_local(read_lora(emulator), a.layers))
-    load_lora_state(model, to_local(from_record(content["adapter"]), a.layers))
-    return model, folder
+    start = read_lora_record(content["adapter"], config.wire)
+    load_lora_state(model, to_local(start, a.layers))
+    return model, folder, start
+
+
+def residual_folder(storage: Path, run: str) -> Path:
+    """This run's upload rounding residuals on the client, one file per (round, step) it
+    trained; the two newest are kept, so a round the server plays again after a crash
+    starts from the residual it started from the first time."""
+    return storage / "runs" / checked(run, KEY, "run key") / "wire_residual"
+
+
+def _residual_name(config: TrainConfig) -> str:
+    return f"{config.round:06d}-{config.step:03d}.safetensors"
+
+
+def upload(storage: Path, config: TrainConfig, update: dict, start: dict):
+    """The reply's LoRA record: the trained LoRA itself (fp32), or its change from the LoRA
+    the client started from, quantized, with the last upload's residual carried in."""
+    wire = config.wire
+    if not wire.quantized:
+        return to_record(update)
+    missing = sorted(set(update) - set(start))
+    if missing:
+        raise MessageError(f"the server sent no LoRA for trained tensors {missing[:2]}")
+    delta = {key: value - start[key] for key, value in update.items()}
+    if not wire.feedback_up:
+        return wire_record(encode(delta, wire), wire)
+    folder, name = residual_folder(storage, config.run), _residual_name(config)
+    earlier = sorted(p.name for p in folder.glob("*.safetensors") if p.name < name) \
+        if folder.is_dir() else []
+    residual = read_lora(folder / earlier[-1]) if earlier else {}
+    encoded = encode(delta, wire, residual)
+    save_lora(encoded.residual, folder / name)
+    for old in earlier[:-1]:
+        (folder / old).unlink(missing_ok=True)
+    return wire_record(encoded, wire)
 
 
 @app.train()
@@ -248,7 +285,7 @@ def train(message: Message, context: Context) -> Message:
     config = TrainConfig.from_record(message.content["config"])
     a, pid = config.assignment, partition_id(context)
     storage = node_storage(pid)
-    model, folder = prepared_model(storage, config, message.content)
+    model, folder, start = prepared_model(storage, config, message.content)
     examples = _examples(config.data, pid, data_path(context), str(folder))
     cache = None
     if cache_enabled(config):
@@ -267,9 +304,8 @@ def train(message: Message, context: Context) -> Message:
                             "seconds": result["seconds"], "partition_id": pid,
                             "cache_hits": cache.hits - hits if cache is not None else 0,
                             "cache_misses": cache.misses - misses if cache is not None else 0})
-    update = to_full(result["state"], a.layers)
-    return Message(RecordDict({"adapter": to_record(update), "metrics": metrics}),
-                   reply_to=message)
+    adapter = upload(storage, config, to_full(result["state"], a.layers), start)
+    return Message(RecordDict({"adapter": adapter, "metrics": metrics}), reply_to=message)
 
 
 @app.query("probe")
@@ -286,7 +322,8 @@ def probe(message: Message, context: Context) -> Message:
     pad = tokenizer_pad_id(str(folder))
     batches = probe_batches([examples[i] for i in picks], pad)
     configure_threads()
-    result = streamed_probe(folder, config.num_layers, batches, lora=from_record(message.content["adapter"]),
+    result = streamed_probe(folder, config.num_layers, batches,
+                            lora=read_lora_record(message.content["adapter"], config.wire),
                             spec=config.lora, skip_first=config.skip_first, max_tokens=config.max_tokens,
                             units=config.units)
     result, units = result if config.units else (result, None)

@@ -22,9 +22,11 @@ import tomli_w
 
 from fedsoda.align.settings import AlignSettings
 from fedsoda.data.scheme import PartitionScheme
+from fedsoda.federated.robust_settings import RobustSettings
 from fedsoda.methods.hier_settings import HierFedLoRASettings
 from fedsoda.methods.pruner_settings import FedPrunerSettings
 from fedsoda.surgery.plan import PruneSettings
+from fedsoda.wire_settings import WireSettings
 
 TASKS = ("sst2", "boolq", "gsm8k")
 
@@ -63,6 +65,8 @@ class RunConfig:
     align: AlignSettings = field(default_factory=AlignSettings)
     fedpruner: FedPrunerSettings = field(default_factory=FedPrunerSettings)
     hierfedlora: HierFedLoRASettings = field(default_factory=HierFedLoRASettings)
+    wire: WireSettings = field(default_factory=WireSettings)  # LoRA's encoding, both ways
+    robust: RobustSettings = field(default_factory=RobustSettings)  # aggregation rule, norm bound
 
     def __post_init__(self) -> None:
         # Deferred: fedsoda.methods loads torch, and `fedsoda --help` reads this module's fields.
@@ -116,7 +120,8 @@ class RunConfig:
 
 KINDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 TABLES = {"prune": PruneSettings, "align": AlignSettings,  # [prune], [align], [fedpruner], ...
-          "fedpruner": FedPrunerSettings, "hierfedlora": HierFedLoRASettings}
+          "fedpruner": FedPrunerSettings, "hierfedlora": HierFedLoRASettings,
+          "wire": WireSettings, "robust": RobustSettings}
 
 
 def field_types(cls) -> dict[str, type]:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from fedsoda.aggregation import layerwise_fedavg
 from fedsoda.federated.checkpoint import ServerState, save_checkpoint
 from fedsoda.federated.report import RoundLog
+from fedsoda.federated.robust import aggregate
 from fedsoda.federated.server_app import Session, deliver, train_round
 from fedsoda.surgery.lora import layer_of
 
@@ -68,12 +68,13 @@ def play_group_round(session: Session, state: ServerState) -> tuple[RoundLog, di
         active = [m for m, plan in enumerate(plans) if plan.tau > step]
         assignments = {pid: a for m in active for pid, a in plans[m].assignments.items()}
         bases = {pid: states[m] for m in active for pid in plans[m].assignments}
-        accepted = train_round(session, state, assignments, log, bases, step)
+        scopes = {pid: f"group{m}" for m in active for pid in plans[m].assignments}
+        accepted = train_round(session, state, assignments, log, bases, step, scopes)
         for m in active:
             mine = [r for r in accepted if r.client in plans[m].assignments]
             if mine:
-                states[m] = layerwise_fedavg(states[m], [r.update for r in mine],
-                                             [float(r.num_examples) for r in mine])
+                states[m] = aggregate(states[m], [r.update for r in mine],
+                                      [float(r.num_examples) for r in mine], cfg.robust)
                 trained = sorted(set(trained) | {m})
         state.partial = _pack(states)
         state.method["intra"] = {"round": state.round + 1, "done": step + 1, "trained": trained,

@@ -25,6 +25,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from fedsoda.methods.assignment import Assignment
 from fedsoda.surgery.lora import LoraSpec
+from fedsoda.wire import Encoded, WireError, WireSettings, decode_tensor, encode
 
 KEY = re.compile(r"[0-9a-f]{16}")  # run keys and model hashes
 SHA256 = re.compile(r"[0-9a-f]{64}")  # file content hashes
@@ -86,10 +87,12 @@ def files_hash(kind: str, quantization: str, files) -> str:
                           ).hexdigest()[:16]
 
 
-def _record(data: DataSpec, lora: LoraSpec, files, values: dict) -> ConfigRecord:
-    """One config record: the data settings, the LoRA spec, the files and ``values``."""
+def _record(data: DataSpec, lora: LoraSpec, wire: WireSettings, files, values: dict) -> ConfigRecord:
+    """One config record: the data settings, the LoRA spec, the wire format, the files and
+    ``values``."""
     record = data.to_record()
-    for key, value in {"lora.r": lora.r, "lora.alpha": lora.alpha,
+    for key, value in {"lora.r": lora.r, "lora.alpha": lora.alpha, "wire.format": wire.format,
+                       "wire.block": wire.block, "wire.error_feedback": wire.error_feedback,
                        "lora.dropout": float(lora.dropout), "lora.targets": list(lora.targets),
                        "file_names": [n for n, _ in files], "file_hashes": [h for _, h in files],
                        **values}.items():
@@ -103,6 +106,15 @@ def _lora(record, what: str) -> LoraSpec:
         return LoraSpec(r=get("lora.r", int), alpha=get("lora.alpha", int),
                         dropout=get("lora.dropout", float), targets=tuple(get("lora.targets", list)))
     except (TypeError, ValueError) as error:
+        raise MessageError(f"{what}: {error}") from None
+
+
+def _wire(record, what: str) -> WireSettings:
+    get = lambda key, kind: _field(record, key, kind, what)  # noqa: E731
+    try:
+        return WireSettings(format=get("wire.format", str), block=get("wire.block", int),
+                            error_feedback=get("wire.error_feedback", str))
+    except ValueError as error:
         raise MessageError(f"{what}: {error}") from None
 
 
@@ -130,13 +142,14 @@ class ProbeConfig:
     skip_first: bool = True
     max_tokens: int = 2048
     units: bool = False  # FedPruner+: also the attention and MLP blocks' CKA and influence
+    wire: WireSettings = WireSettings()  # how the global LoRA sent along is encoded
 
     @property
     def model_hash(self) -> str:
         return files_hash("layers", "bf16", self.files)
 
     def to_record(self) -> ConfigRecord:
-        return _record(self.data, self.lora, self.files, {
+        return _record(self.data, self.lora, self.wire, self.files, {
             "run": self.run, "round": self.round, "num_layers": self.num_layers,
             "samples": self.samples, "skip_first": self.skip_first, "max_tokens": self.max_tokens,
             "units": self.units})
@@ -150,7 +163,7 @@ class ProbeConfig:
                      data=DataSpec.from_record(record), lora=_lora(record, what),
                      samples=get("samples", int),
                      skip_first=get("skip_first", bool), max_tokens=get("max_tokens", int),
-                     units=get("units", bool))
+                     units=get("units", bool), wire=_wire(record, what))
         if min(config.num_layers, config.samples, config.max_tokens) < 1:
             raise MessageError(f"{what}: num_layers, samples and max_tokens must be >= 1")
         return config
@@ -167,6 +180,7 @@ class TrainConfig:
     lora: LoraSpec
     activation_cache: bool = True
     step: int = 0  # the intra-group round within the global round (HierFedLoRA), else 0
+    wire: WireSettings = WireSettings()  # how LoRA travels both ways (fedsoda.wire)
 
     @property
     def model_hash(self) -> str:
@@ -181,7 +195,7 @@ class TrainConfig:
 
     def to_record(self) -> ConfigRecord:
         a = self.assignment
-        return _record(self.data, self.lora, a.files, {
+        return _record(self.data, self.lora, self.wire, a.files, {
             "run": self.run, "round": self.round, "step": self.step,
             "activation_cache": self.activation_cache, "layers": list(a.layers),
             "trainable": list(a.trainable),
@@ -212,7 +226,8 @@ class TrainConfig:
             raise MessageError(f"{what}: {error}") from None
         return cls(run=checked(get("run", str), KEY, "run key"), round=get("round", int),
                    assignment=assignment, data=DataSpec.from_record(record), lora=_lora(record, what),
-                   activation_cache=get("activation_cache", bool), step=get("step", int))
+                   activation_cache=get("activation_cache", bool), step=get("step", int),
+                   wire=_wire(record, what))
 
 
 def to_record(state: dict[str, torch.Tensor]) -> ArrayRecord:
@@ -226,13 +241,50 @@ def from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
     return {key: torch.from_numpy(np.array(array.numpy(), copy=True)) for key, array in record.items()}
 
 
+def wire_record(encoded: Encoded, settings: WireSettings, keys=None) -> ArrayRecord:
+    """Quantized LoRA tensors (``fedsoda.wire.encode``) as an ``ArrayRecord``: one array per
+    tensor, its buffer the codes and block scales, its shape the tensor's, its ``stype`` the
+    encoding. ``keys``: only these tensors (a client's share of one broadcast)."""
+    keys = encoded.data if keys is None else keys
+    return ArrayRecord(OrderedDict(
+        (k, Array(dtype=settings.format, shape=encoded.shapes[k], stype=settings.tag,
+                  data=encoded.data[k])) for k in keys))
+
+
+def lora_record(state: dict[str, torch.Tensor], settings: WireSettings) -> ArrayRecord:
+    """LoRA tensors as ``settings`` sends them, without error feedback (a state sent once:
+    the emulator LoRA)."""
+    if not settings.quantized:
+        return to_record(state)
+    return wire_record(encode(state, settings), settings)
+
+
+def read_lora_record(record: ArrayRecord, settings: WireSettings) -> dict[str, torch.Tensor]:
+    """The float32 tensors of a LoRA record encoded as ``settings`` says; a MessageError if
+    an array is encoded otherwise or its bytes cannot be what the codec wrote."""
+    if not settings.quantized:
+        return from_record(record)
+    tensors = {}
+    for key, array in record.items():
+        if array.stype != settings.tag or array.dtype != settings.format:
+            raise MessageError(f"{key}: encoded as {array.stype!r}, expected {settings.tag!r}")
+        if not all(isinstance(n, int) and n >= 0 for n in array.shape):
+            raise MessageError(f"{key}: shape {array.shape!r} is not a tensor's")
+        try:
+            tensors[key] = decode_tensor(array.data, tuple(array.shape), settings.format,
+                                         settings.block)
+        except WireError as error:
+            raise MessageError(f"{key}: {error}") from None
+    return tensors
+
+
 def record_bytes(record: ArrayRecord) -> int:
     """Serialized bytes of a record's arrays (what is actually sent)."""
     return sum(len(array.data) for array in record.values())
 
 
 def record_params(record: ArrayRecord) -> int:
-    """Number of values in the record's arrays."""
+    """Number of values in the record's arrays (a quantized array's shape is its tensor's)."""
     return sum(int(np.prod(array.shape)) for array in record.values())
 
 

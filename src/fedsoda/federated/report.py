@@ -169,7 +169,7 @@ def write_summary(cfg, out: Path, method, server, state, task, rows, wall_second
     summary = {
         "method": cfg.method, **{k: own.pop(k) for k in ("pruning", "pre_align", "realign")},
         "realign_every": cfg.realign_every, "partition": cfg.partition, "seed": cfg.seed,
-        "model": cfg.model, "task": cfg.task, "rounds": cfg.rounds,
+        "model": cfg.model, "task": cfg.task, "rounds": cfg.rounds, "wire": cfg.wire.label,
         "clients": cfg.clients, "clients_per_round": cfg.clients_per_round,
         "accuracy": final, "accuracy_sub": own.pop("accuracy_sub"), "eval_examples": len(rows),
         "trainable_params": own.pop("trainable_params"),

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 import torch
 from flwr.app import ArrayRecord, MetricRecord
 
-from fedsoda.federated.messages import from_record
+from fedsoda.federated.messages import MessageError, from_record, read_lora_record
 from fedsoda.methods.assignment import Assignment
 from fedsoda.surgery.lora import layer_of
+from fedsoda.wire import WireSettings
 
 
 @dataclass(frozen=True)
@@ -77,11 +78,13 @@ def count_reason(num_examples, max_examples: int) -> str | None:
 
 
 def screen_reply(content, client: int, expected: dict[str, torch.Tensor],
-                 max_examples: int) -> Reply | str:
+                 max_examples: int, wire: WireSettings = WireSettings()) -> Reply | str:
     """The accepted reply, or why the reply of ``client`` is rejected (a one-line reason).
 
     ``content`` is the reply's RecordDict; nothing in it is trusted: a missing or mistyped
-    record, undecodable arrays, a missing or non-finite metric are all reasons.
+    record, undecodable arrays, a missing or non-finite metric are all reasons. With a
+    quantized ``wire`` the reply is an update: it is decoded, screened as the tensors it
+    decodes to, and added to ``expected`` (the exact LoRA the client was sent).
     """
     for name, kind in (("adapter", ArrayRecord), ("metrics", MetricRecord)):
         if name not in content:
@@ -89,7 +92,9 @@ def screen_reply(content, client: int, expected: dict[str, torch.Tensor],
         if not isinstance(content[name], kind):
             return f"the {name!r} record is a {type(content[name]).__name__}, not a {kind.__name__}"
     try:
-        update = from_record(content["adapter"])
+        update = read_lora_record(content["adapter"], wire)
+    except MessageError as error:
+        return f"undecodable adapter arrays ({str(error)[:160]})"
     except Exception as error:  # noqa: BLE001 - any decoding failure is the client's fault
         return f"undecodable adapter arrays ({type(error).__name__}: {str(error)[:120]})"
     metrics = content["metrics"]
@@ -102,6 +107,10 @@ def screen_reply(content, client: int, expected: dict[str, torch.Tensor],
     reason = screen_update(update, expected, metrics["num_examples"], max_examples)
     if reason:
         return reason
+    if wire.quantized:
+        update = {key: expected[key] + delta for key, delta in update.items()}
+        if not all(torch.isfinite(t).all() for t in update.values()):
+            return "the update overflows the LoRA it was added to"
     return Reply(client=client, update=update, num_examples=int(metrics["num_examples"]),
                  loss=float(loss))
 

@@ -23,7 +23,6 @@ from pathlib import Path
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedsoda.aggregation import layerwise_fedavg
 from fedsoda.data.partition import sample_round
 from fedsoda.data.tasks import get_task
 from fedsoda.evaluate.tasks import evaluation_rows
@@ -34,13 +33,17 @@ from fedsoda.federated.messages import (
     ProbeConfig,
     TrainConfig,
     blobs_record,
+    lora_record,
     record_bytes,
     to_record,
+    wire_record,
 )
 from fedsoda.federated.report import RoundLog, RunProgress, write_summary
+from fedsoda.federated.robust import aggregate, bound_replies
 from fedsoda.federated.screening import Reply, expected_update, screen_probe, screen_reply
 from fedsoda.methods import get_method
 from fedsoda.methods.assignment import Assignment, ProbeRequest
+from fedsoda.wire import Encoded, encode
 
 log = logging.getLogger("fedsoda.server")
 
@@ -152,6 +155,27 @@ class Session:
     task: object
     rows: list[dict]  # evaluation rows
     submodel_bytes: int  # one-time downloads so far
+    # This round's quantized broadcasts, (round, step, scope) -> what was encoded: the probe
+    # and every client of a scope get the same bytes, and the residual advances once.
+    sent: dict = field(default_factory=dict)
+
+
+def broadcast(session: Session, state: ServerState, scope: str, base: dict,
+              step: int = 0) -> Encoded:
+    """``base`` (the global LoRA, ``scope`` "global", or a group's) encoded for this round's
+    downloads, once per round, step and scope. With error feedback down, the residual of the
+    scope's last broadcast is added first and the new one kept in the checkpointed state."""
+    key = (state.round, step, scope)
+    if key not in session.sent:
+        wire = session.cfg.wire
+        prefix = scope + "/"
+        residual = ({k.removeprefix(prefix): v for k, v in state.wire_residual.items()
+                     if k.startswith(prefix)} if wire.feedback_down else None)
+        encoded = encode(base, wire, residual)
+        state.wire_residual.update({prefix + k: v for k, v in encoded.residual.items()})
+        session.sent = {k: v for k, v in session.sent.items() if k[0] == state.round}
+        session.sent[key] = encoded
+    return session.sent[key]
 
 
 def exchange(session: Session, messages: list[Message]):
@@ -162,21 +186,33 @@ def exchange(session: Session, messages: list[Message]):
         yield client_of.get(reply.metadata.src_node_id, -1), reply
 
 
+def adapter_download(session: Session, state: ServerState, assignment: Assignment | None,
+                     scope: str = "global", base: dict | None = None, step: int = 0) -> ArrayRecord:
+    """The LoRA a client is sent: its trained layers' tensors of ``base`` (the global LoRA
+    unless a group's is given; every tensor for ``assignment=None``), in the run's wire format."""
+    base = state.adapter if base is None else base
+    wanted = base if assignment is None else expected_update(base, assignment.trainable, assignment)
+    if not session.cfg.wire.quantized:
+        return to_record(wanted)
+    return wire_record(broadcast(session, state, scope, base, step), session.cfg.wire, list(wanted))
+
+
 def train_message(session: Session, state: ServerState, pid: int, assignment: Assignment,
-                  round_log: RoundLog, base: dict | None = None, step: int = 0) -> Message:
+                  round_log: RoundLog, base: dict | None = None, step: int = 0,
+                  scope: str = "global") -> Message:
     """One client's train message: its assignment, its layers' LoRA from ``base`` (the
     global LoRA unless a group's is given), and the emulator LoRA if its copy is stale
     (counted as joining the first time)."""
     cfg = session.cfg
     config = TrainConfig(run=run_key(cfg), round=state.round + 1, assignment=assignment,
                          data=data_spec(cfg), lora=session.server.lora,
-                         activation_cache=cfg.activation_cache, step=step)
-    adapter = to_record(expected_update(state.adapter if base is None else base,
-                                        assignment.trainable, assignment))
+                         activation_cache=cfg.activation_cache, step=step, wire=cfg.wire)
+    adapter = adapter_download(session, state, assignment, scope, base, step)
     content = RecordDict({"adapter": adapter, "config": config.to_record()})
     round_log.down(adapter)
     if assignment.frozen_lora and state.holders.get(str(pid), -1) < state.emulator_version:
-        content["emulator"] = to_record(expected_update(state.emulator, assignment.frozen_lora))
+        content["emulator"] = lora_record(expected_update(state.emulator, assignment.frozen_lora),
+                                          cfg.wire)
         if str(pid) in state.holders:
             round_log.down(content["emulator"])  # an update after a realignment
         else:
@@ -189,11 +225,13 @@ def train_message(session: Session, state: ServerState, pid: int, assignment: As
 
 def train_round(session: Session, state: ServerState, assignments: dict[int, Assignment],
                 round_log: RoundLog, bases: dict[int, dict] | None = None,
-                step: int = 0) -> list[Reply]:
+                step: int = 0, scopes: dict[int, str] | None = None) -> list[Reply]:
     """Send train messages; return the accepted replies, screened per assignment. ``bases``
-    gives a client the LoRA it starts from (its group's) instead of the global one."""
-    bases = bases or {}
-    messages = [train_message(session, state, pid, a, round_log, bases.get(pid), step)
+    gives a client the LoRA it starts from (its group's, broadcast as ``scopes[pid]``)
+    instead of the global one."""
+    bases, scopes = bases or {}, scopes or {}
+    messages = [train_message(session, state, pid, a, round_log, bases.get(pid), step,
+                              scopes.get(pid, "global"))
                 for pid, a in sorted(assignments.items())]
     accepted, errors, answered = [], [], set()
     for pid, reply in exchange(session, messages):
@@ -209,18 +247,26 @@ def train_round(session: Session, state: ServerState, assignments: dict[int, Ass
             round_log.up(reply.content["adapter"])  # what arrived counts, accepted or not
         expected = expected_update(bases.get(pid, state.adapter), assignments[pid].trainable,
                                    assignments[pid])
-        result = screen_reply(reply.content, pid, expected, session.clients.declared[pid])
+        result = screen_reply(reply.content, pid, expected, session.clients.declared[pid],
+                              session.cfg.wire)
         if isinstance(result, str):
             round_log.reject(pid, result)
             continue
-        round_log.loss(result.loss, float(result.num_examples))
         accepted.append(result)
     if errors and len(errors) == len(messages):
         # Every client crashed: a setup problem, not a bad client; going on would only
         # burn the remaining rounds on the unchanged adapter.
         raise RuntimeError(f"round {state.round + 1}: all {len(errors)} clients failed; the "
                            f"first error: {errors[0][-1500:]}")
-    return sorted(accepted, key=lambda r: r.client)  # fixed order: bitwise-reproducible sums
+    sent = {r.client: bases.get(r.client, state.adapter) for r in accepted}
+    kept, rejected = bound_replies(sorted(accepted, key=lambda r: r.client), sent,
+                                   session.cfg.robust)
+    for pid, reason in rejected.items():
+        round_log.reject(pid, reason)
+    for result in accepted:  # in order of arrival, as the loss was always summed
+        if result.client not in rejected:
+            round_log.loss(result.loss, float(result.num_examples))
+    return kept  # in client order: bitwise-reproducible sums
 
 
 def probe_round(session: Session, state: ServerState, request: ProbeRequest, sampled: list[int],
@@ -233,8 +279,9 @@ def probe_round(session: Session, state: ServerState, request: ProbeRequest, sam
     config = ProbeConfig(run=run_key(cfg), round=state.round + 1, files=request.files,
                          num_layers=request.num_layers, data=data_spec(cfg), lora=session.server.lora,
                          samples=request.samples, skip_first=request.skip_first,
-                         max_tokens=request.max_tokens, units=request.units).to_record()
-    adapter = to_record(state.adapter)
+                         max_tokens=request.max_tokens, units=request.units,
+                         wire=cfg.wire).to_record()
+    adapter = adapter_download(session, state, None)
     messages = []
     for pid in sampled:
         round_log.down(adapter)
@@ -280,8 +327,8 @@ def play_round(session: Session, state: ServerState) -> tuple[RoundLog, dict]:
     accepted = train_round(session, state, assignments, round_log)
     session.submodel_bytes += round_log.bytes_join
     if accepted:
-        state.adapter = layerwise_fedavg(state.adapter, [r.update for r in accepted],
-                                         [float(r.num_examples) for r in accepted])
+        state.adapter = aggregate(state.adapter, [r.update for r in accepted],
+                                  [float(r.num_examples) for r in accepted], cfg.robust)
     state.round += 1
     realigned = method.after_round(server, cfg, state)
     scored = {}

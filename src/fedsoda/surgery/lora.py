@@ -80,6 +80,14 @@ def lora_numel(model: nn.Module, layers: list[int]) -> int:
                if layer_of(name) in wanted)
 
 
+def lora_sizes(model: nn.Module, layers: list[int]) -> list[int]:
+    """The number of values of each LoRA tensor on ``layers`` (meta device too): what the
+    wire formats' per-tensor block scales are counted on."""
+    wanted = set(layers)
+    return [param.numel() for name, param in _lora_parameters(model).items()
+            if layer_of(name) in wanted]
+
+
 def load_lora_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Copy LoRA tensors into the model; every key must exist and every shape match."""
     params = _lora_parameters(model)
