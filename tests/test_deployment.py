@@ -38,6 +38,7 @@ def test_flower_run_config_lists_every_run_config_key_with_its_default():
     assert app["components"] == {"serverapp": "fedsoda.federated.server_app:app",
                                  "clientapp": "fedsoda.federated.client_app:app"}
     flat = flatten_dict(app["config"])  # what the ServerApp gets as context.run_config
+    assert flat.pop("resume") is False  # the one run-level key: continue the run in `out`
     defaults = {}
     for name, value in RunConfig().to_dict().items():
         if isinstance(value, dict):
@@ -113,3 +114,18 @@ def test_two_supernodes_with_their_own_data_write_the_run_folder(tiny_model_dir,
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_the_deployment_servers_resume_key_reaches_the_run(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from fedsoda.federated import server_app
+
+    calls = []
+    monkeypatch.setattr(server_app, "run_server", lambda grid, cfg, resume=False: calls.append((cfg, resume)))
+    values = {"resume": True, "out": str(tmp_path / "run"), "rounds": 3}
+    server_app.main(None, SimpleNamespace(run_config=values))
+    (cfg, resume), = calls
+    assert resume and cfg.out == str(tmp_path / "run") and cfg.rounds == 3
+    with pytest.raises(ValueError, match="'resume' must be true or false"):
+        server_app.main(None, SimpleNamespace(run_config={"resume": "yes"}))

@@ -162,3 +162,22 @@ def test_resume_takes_the_saved_config_and_is_checked_too(tiny_model_dir, data, 
     assert "use p <= 1" in refused(["run", "--resume", str(out)], capsys)
     assert "give one of them" in refused(["run", "--resume", str(out), "--overwrite"], capsys)
     assert len(started) == 1
+
+
+def test_resume_runs_in_the_folder_given_and_refuses_changes_it_would_ignore(
+        tiny_model_dir, data, tmp_path, started, capsys):
+    out = tmp_path / "moved"
+    (out / "checkpoint").mkdir(parents=True)
+    # The config says the run was written elsewhere (the folder was moved since).
+    (out / "config.toml").write_text(f'model = "{tiny_model_dir}"\ndata_dir = "{data}"\n'
+                                     f'out = "{tmp_path / "elsewhere"}"\nrounds = 4\nlr = 0.001\n'
+                                     '[prune]\nn = 2\np = 2\n')
+    assert cli.main(["run", "--resume", str(out), "--rounds", "8", "--set", "eval_every=2"]) == 0
+    (cfg, resume), = started
+    assert (cfg.out, cfg.rounds, cfg.eval_every, resume) == (str(out), 8, 2, True)
+    for extra, message in ((["--lr", "0.01"], "lr is 0.001 there, not 0.01"),
+                           (["--set", "prune.n=3"], "prune.n is 2 there, not 3"),
+                           (["--out", str(tmp_path / "x")], "drop --out"),
+                           (["--quick"], "drop --quick")):
+        assert message in refused(["run", "--resume", str(out), *extra], capsys)
+    assert len(started) == 1

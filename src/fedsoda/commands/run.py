@@ -39,10 +39,7 @@ def run_command(args: argparse.Namespace) -> dict:
         raise ValueError("--resume continues the run in a folder and --overwrite removes it: "
                          "give one of them")
     if args.resume:
-        saved = Path(args.resume) / "config.toml"
-        if not saved.exists():
-            raise FileNotFoundError(f"{saved} not found: --resume needs a run folder")
-        cfg = load_config(saved)
+        cfg = resumed_config(args)
     else:
         flags = {name: getattr(args, name) for name in field_types(RunConfig)}
         if args.quick and not flags["out"]:
@@ -58,6 +55,41 @@ def run_command(args: argparse.Namespace) -> dict:
     summary = simulate(cfg, resume=bool(args.resume))
     print(json.dumps(summary, indent=2))
     return summary
+
+
+RESUME_MAY_CHANGE = ("rounds", "eval_every")  # more rounds, other evaluation rounds
+
+
+def _flat_settings(cfg: RunConfig) -> dict:
+    flat = {}
+    for key, value in dataclasses.asdict(cfg).items():
+        flat.update({f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict)
+                    else {key: value})
+    return flat
+
+
+def resumed_config(args: argparse.Namespace) -> RunConfig:
+    """The config of the run in ``--resume RUN_DIR`` (its folder is RUN_DIR, wherever the
+    config says it was), with the flags and ``--set`` pairs given, which may change only
+    ``RESUME_MAY_CHANGE``; any other change is refused, not ignored."""
+    folder = Path(args.resume)
+    saved = folder / "config.toml"
+    if not saved.exists():
+        raise FileNotFoundError(f"{saved} not found: --resume needs a run folder")
+    if args.config or args.quick:
+        raise ValueError("--resume takes the run's settings from RUN_DIR/config.toml: drop "
+                         f"{'the config file' if args.config else '--quick'}")
+    flags = {name: getattr(args, name) for name in field_types(RunConfig)}
+    if flags.pop("out") not in (None, str(folder)):
+        raise ValueError(f"--resume continues the run in {folder}: drop --out")
+    before = load_config(saved)
+    after = load_config(saved, list(args.set), **flags)
+    old, new = _flat_settings(before), _flat_settings(after)
+    for key in sorted(k for k in new if new[k] != old[k] and k not in RESUME_MAY_CHANGE):
+        raise ValueError(f"--resume keeps the run's settings: {key} is {old[key]!r} there, not "
+                         f"{new[key]!r}; only {' and '.join(RESUME_MAY_CHANGE)} may change "
+                         "(start a new run for other settings)")
+    return dataclasses.replace(after, out=str(folder))
 
 
 def with_data_dir(cfg):

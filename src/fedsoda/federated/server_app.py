@@ -345,8 +345,7 @@ def start(grid: Grid, cfg: RunConfig, resume: bool) -> tuple[Session, ServerStat
     out.mkdir(parents=True, exist_ok=True)
     method = get_method(cfg.method)
     state = load_checkpoint(out / "checkpoint") if resume else None
-    if not resume:
-        cfg.save(out / "config.toml")
+    cfg.save(out / "config.toml")  # a resume may have added rounds
     server = method.prepare(cfg, out, resume)
     if state is None:
         adapter, emulator = method.initial_state(server)
@@ -396,6 +395,11 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Entry point for Flower's deployment engine (`flwr run`): config from the run config."""
-    run_server(grid, config_from_flat(dict(context.run_config)))
+    """Entry point for Flower's deployment engine (`flwr run`): config from the run config;
+    `--run-config 'resume=true out="RUN_DIR"'` continues that run from its checkpoint."""
+    values = dict(context.run_config)
+    resume = values.pop("resume", False)
+    if not isinstance(resume, bool):
+        raise ValueError(f"run config 'resume' must be true or false, got {resume!r}")
+    run_server(grid, config_from_flat(values), resume=resume)
 
