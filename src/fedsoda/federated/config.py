@@ -61,6 +61,12 @@ class RunConfig:
     # The most examples a client's declared count is believed to be (0: no cap); a reply
     # claiming more than its client declared at the handshake is rejected.
     max_examples: int = 0
+    # Deadlines and quorum: seconds each exchange with the clients may take (0: no deadline;
+    # a silent client then holds the round up to Flower's message TTL), and the fewest
+    # accepted replies a round needs (at most the clients it sent to) to count; a round
+    # under quorum stops the run with the last checkpoint intact.
+    round_timeout: float = 0.0
+    min_replies: int = 1
     prune: PruneSettings = field(default_factory=PruneSettings)
     align: AlignSettings = field(default_factory=AlignSettings)
     fedpruner: FedPrunerSettings = field(default_factory=FedPrunerSettings)
@@ -84,6 +90,9 @@ class RunConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.mu < 0:
             raise ValueError(f"lr must be > 0 and mu >= 0, got lr={self.lr} mu={self.mu}")
+        if self.round_timeout < 0 or self.min_replies < 1:
+            raise ValueError(f"round_timeout must be >= 0 (0: none) and min_replies >= 1, got "
+                             f"{self.round_timeout} and {self.min_replies}")
         if min(self.realign_every, self.eval_every, self.eval_limit, self.max_examples) < 0:
             raise ValueError("realign_every, eval_every, eval_limit and max_examples must be >= 0")
         if self.client_layers and self.method != "fedra":

@@ -21,7 +21,7 @@ import torch
 from fedsoda.federated.checkpoint import ServerState, save_checkpoint
 from fedsoda.federated.report import RoundLog
 from fedsoda.federated.robust import aggregate
-from fedsoda.federated.server_app import Session, deliver, train_round
+from fedsoda.federated.server_app import Session, deliver_to, train_round
 from fedsoda.surgery.lora import layer_of
 
 
@@ -63,12 +63,13 @@ def play_group_round(session: Session, state: ServerState) -> tuple[RoundLog, di
     plans = method.plan_groups(server, cfg, state)
     log, done, trained, states, spent = _resume_point(state, plans)
     everyone = {pid: a for plan in plans for pid, a in plan.assignments.items()}
-    session.submodel_bytes += deliver(session.grid, session.clients, everyone, session.paths)
+    served = deliver_to(session, everyone, log)  # a failed delivery: that device sits out
     for step in range(done, max(plan.tau for plan in plans)):
         active = [m for m, plan in enumerate(plans) if plan.tau > step]
-        assignments = {pid: a for m in active for pid, a in plans[m].assignments.items()}
-        bases = {pid: states[m] for m in active for pid in plans[m].assignments}
-        scopes = {pid: f"group{m}" for m in active for pid in plans[m].assignments}
+        members = {pid: m for m in active for pid in plans[m].assignments if pid in served}
+        assignments = {pid: plans[m].assignments[pid] for pid, m in members.items()}
+        bases = {pid: states[m] for pid, m in members.items()}
+        scopes = {pid: f"group{m}" for pid, m in members.items()}
         accepted = train_round(session, state, assignments, log, bases, step, scopes)
         for m in active:
             mine = [r for r in accepted if r.client in plans[m].assignments]

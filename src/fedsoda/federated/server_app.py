@@ -28,16 +28,8 @@ from fedsoda.data.tasks import get_task
 from fedsoda.evaluate.tasks import evaluation_rows
 from fedsoda.federated.checkpoint import ServerState, load_checkpoint, save_checkpoint
 from fedsoda.federated.config import RunConfig, config_from_flat, with_method_schedule
-from fedsoda.federated.messages import (
-    DataSpec,
-    ProbeConfig,
-    TrainConfig,
-    blobs_record,
-    lora_record,
-    record_bytes,
-    to_record,
-    wire_record,
-)
+from fedsoda.federated.messages import ProbeConfig, TrainConfig, lora_record, to_record, wire_record
+from fedsoda.federated.nodes import Clients, data_spec, deadline, deliver, handshake, wait_for_nodes
 from fedsoda.federated.report import RoundLog, RunProgress, write_summary
 from fedsoda.federated.robust import aggregate, bound_replies
 from fedsoda.federated.screening import Reply, expected_update, screen_probe, screen_reply
@@ -48,98 +40,17 @@ from fedsoda.wire import Encoded, encode
 log = logging.getLogger("fedsoda.server")
 
 
+class QuorumError(RuntimeError):
+    """A round with fewer accepted replies than ``min_replies``: the run stops, the last
+    checkpoint intact."""
+
+
 def run_key(cfg: RunConfig) -> str:
     """Names this run's files on the clients (its emulator LoRA, its activation cache).
 
     Derived from the run folder, so a resumed run finds what its clients already hold.
     """
     return hashlib.sha256(str(Path(cfg.out).resolve()).encode()).hexdigest()[:16]
-
-
-def data_spec(cfg: RunConfig) -> DataSpec:
-    return DataSpec(task=cfg.task, data_dir=cfg.data_dir, clients=cfg.clients,
-                    partition=cfg.partition, seed=cfg.seed, max_tokens=cfg.max_tokens)
-
-
-def wait_for_nodes(grid: Grid, count: int, timeout: float = 300.0) -> list[int]:
-    began = time.monotonic()
-    while len(nodes := sorted(grid.get_node_ids())) < count:
-        if time.monotonic() - began > timeout:
-            raise TimeoutError(f"only {len(nodes)} of {count} client nodes connected")
-        time.sleep(0.2)
-    return nodes
-
-
-@dataclass
-class Clients:
-    """What the server knows of its clients: from the handshake, then from deliveries."""
-
-    node_of: dict[int, int] = field(default_factory=dict)  # client (partition) id -> node id
-    declared: dict[int, int] = field(default_factory=dict)  # client id -> examples it holds
-    held: dict[int, set[str]] = field(default_factory=dict)  # client id -> file hashes held
-    labels: dict[int, dict[int, int]] = field(default_factory=dict)  # client id -> label -> examples
-
-
-def handshake(grid: Grid, nodes: list[int], cfg: RunConfig, hashes: list[str]) -> Clients:
-    """Ask every node which client it is, how many examples it holds (``cfg.max_examples``
-    caps what is believed) and which of the run's files it already has."""
-    config = data_spec(cfg).to_record()
-    config["hashes"] = sorted(hashes)
-    replies = grid.send_and_receive([Message(RecordDict({"config": config}), dst_node_id=n,
-                                             message_type="query.hello") for n in nodes])
-    clients = Clients()
-    for reply in replies:
-        if reply.has_error():
-            raise RuntimeError(f"client {reply.metadata.src_node_id} failed the handshake: "
-                               f"{reply.error.reason}")
-        metrics = reply.content["metrics"]
-        pid, count = int(metrics["partition_id"]), int(metrics["num_examples"])
-        clients.node_of[pid] = reply.metadata.src_node_id
-        clients.declared[pid] = min(count, cfg.max_examples) if cfg.max_examples else count
-        clients.held[pid] = set(hashes) & set(reply.content["config"]["held"])
-        clients.labels[pid] = declared_labels(reply.content["config"], count, pid)
-    missing = sorted(set(range(cfg.clients)) - set(clients.node_of))
-    if missing:
-        raise RuntimeError(f"no node serves client ids {missing[:5]}; every SuperNode needs a "
-                           f"distinct partition-id in 0..{cfg.clients - 1}")
-    return clients
-
-
-def declared_labels(config, count: int, pid: int) -> dict[int, int]:
-    """A hello reply's label histogram, checked: one count >= 0 per distinct label, summing
-    to the examples the client declared."""
-    keys = list(config["label_keys"]) if "label_keys" in config else []
-    counts = list(config["label_counts"]) if "label_counts" in config else []
-    plain = all(isinstance(v, int) and not isinstance(v, bool) for v in keys + counts)
-    if not plain or len(keys) != len(counts) or len(set(keys)) != len(keys) \
-            or any(c < 0 for c in counts) or sum(counts) != count:
-        raise RuntimeError(f"client {pid} declared a malformed label histogram (keys {keys[:5]}, "
-                           f"counts {counts[:5]} for {count} examples); it must run this "
-                           "version of fedsoda")
-    return dict(zip(keys, counts, strict=True))
-
-
-def deliver(grid: Grid, clients: Clients, assignments: dict[int, Assignment],
-            paths: dict[str, Path]) -> int:
-    """Send each client the files of its assignment it lacks; returns the bytes sent."""
-    messages, lacking = [], {}
-    for pid, assignment in sorted(assignments.items()):
-        lacking[pid] = {h for _, h in assignment.files} - clients.held[pid]
-        if lacking[pid]:
-            record = blobs_record({h: paths[h] for h in lacking[pid]})
-            messages.append((pid, record, Message(RecordDict({"files": record}),
-                                                  dst_node_id=clients.node_of[pid],
-                                                  message_type="query.deliver")))
-    if not messages:
-        return 0
-    replies = list(grid.send_and_receive([m for _, _, m in messages]))
-    failed = [r.metadata.src_node_id for r in replies if r.has_error()]
-    if failed or len(replies) != len(messages):
-        reasons = [r.error.reason[-300:] for r in replies if r.has_error()]
-        raise RuntimeError(f"file delivery failed for nodes {failed or 'missing replies'}: {reasons[:1]}")
-    for pid, _, _ in messages:
-        clients.held[pid] |= lacking[pid]
-    return sum(record_bytes(record) for _, record, _ in messages)
 
 
 @dataclass
@@ -178,11 +89,22 @@ def broadcast(session: Session, state: ServerState, scope: str, base: dict,
     return session.sent[key]
 
 
+def deliver_to(session: Session, assignments: dict, round_log: RoundLog) -> dict:
+    """Deliver the files ``assignments`` need (counted as one-time bytes); returns the
+    assignments of the clients that got them, the others logged as rejected for the round."""
+    sent, failed = deliver(session.grid, session.clients, assignments, session.paths,
+                           deadline(session.cfg))
+    session.submodel_bytes += sent
+    for pid, reason in sorted(failed.items()):
+        round_log.reject(pid, reason)
+    return {pid: a for pid, a in assignments.items() if pid not in failed}
+
+
 def exchange(session: Session, messages: list[Message]):
-    """Send ``messages``; yield each reply with the client id of the node that sent it (-1
-    for a node that serves no client of this run)."""
+    """Send ``messages``; yield each reply that arrives by the deadline with the client id
+    of the node that sent it (-1 for a node that serves no client of this run)."""
     client_of = {node: pid for pid, node in session.clients.node_of.items()}
-    for reply in session.grid.send_and_receive(messages):
+    for reply in session.grid.send_and_receive(messages, timeout=deadline(session.cfg)):
         yield client_of.get(reply.metadata.src_node_id, -1), reply
 
 
@@ -233,8 +155,9 @@ def train_round(session: Session, state: ServerState, assignments: dict[int, Ass
     messages = [train_message(session, state, pid, a, round_log, bases.get(pid), step,
                               scopes.get(pid, "global"))
                 for pid, a in sorted(assignments.items())]
-    accepted, errors, answered = [], [], set()
+    accepted, errors, answered, heard = [], [], set(), set()
     for pid, reply in exchange(session, messages):
+        heard.add(pid)
         if reply.has_error():
             errors.append(reply.error.reason)
             round_log.reject(pid, f"client error: {reply.error.reason[-500:]}")
@@ -258,6 +181,8 @@ def train_round(session: Session, state: ServerState, assignments: dict[int, Ass
         # burn the remaining rounds on the unchanged adapter.
         raise RuntimeError(f"round {state.round + 1}: all {len(errors)} clients failed; the "
                            f"first error: {errors[0][-1500:]}")
+    for pid in sorted(set(assignments) - heard):  # late replies are dropped
+        round_log.reject(pid, f"no reply within round_timeout={session.cfg.round_timeout:g} s")
     sent = {r.client: bases.get(r.client, state.adapter) for r in accepted}
     kept, rejected = bound_replies(sorted(accepted, key=lambda r: r.client), sent,
                                    session.cfg.robust)
@@ -266,7 +191,18 @@ def train_round(session: Session, state: ServerState, assignments: dict[int, Ass
     for result in accepted:  # in order of arrival, as the loss was always summed
         if result.client not in rejected:
             round_log.loss(result.loss, float(result.num_examples))
+    check_quorum(session.cfg, state, len(kept), len(messages))
     return kept  # in client order: bitwise-reproducible sums
+
+
+def check_quorum(cfg: RunConfig, state: ServerState, accepted: int, asked: int) -> None:
+    """Stop the run, its last checkpoint intact, if a round has fewer accepted replies than
+    ``min_replies`` (or than the clients asked, when fewer were)."""
+    if accepted < min(cfg.min_replies, asked):
+        raise QuorumError(f"round {state.round + 1}: {accepted} of {asked} replies accepted, under "
+                          f"min_replies={cfg.min_replies}; nothing of it was kept and the "
+                          f"checkpoint after round {state.round} is intact: see the rejected "
+                          f"replies in the log, then `fedsoda run --resume {cfg.out}`")
 
 
 def probe_round(session: Session, state: ServerState, request: ProbeRequest, sampled: list[int],
@@ -274,8 +210,7 @@ def probe_round(session: Session, state: ServerState, request: ProbeRequest, sam
     """Ask the sampled clients to probe the global model (files they lack go first); returns
     the screened ``(client, similarity, influence, examples)``, in client order."""
     cfg = session.cfg
-    session.submodel_bytes += deliver(session.grid, session.clients,
-                                      {pid: request for pid in sampled}, session.paths)
+    sampled = list(deliver_to(session, {pid: request for pid in sampled}, round_log))
     config = ProbeConfig(run=run_key(cfg), round=state.round + 1, files=request.files,
                          num_layers=request.num_layers, data=data_spec(cfg), lora=session.server.lora,
                          samples=request.samples, skip_first=request.skip_first,
@@ -323,7 +258,7 @@ def play_round(session: Session, state: ServerState) -> tuple[RoundLog, dict]:
     if request is not None:  # FedPruner: the clients' view of the global model first
         method.take_probes(server, cfg, state, probe_round(session, state, request, sampled, round_log))
     assignments = method.assign(server, cfg, state, sampled)
-    session.submodel_bytes += deliver(session.grid, session.clients, assignments, session.paths)
+    assignments = deliver_to(session, assignments, round_log)
     accepted = train_round(session, state, assignments, round_log)
     session.submodel_bytes += round_log.bytes_join
     if accepted:

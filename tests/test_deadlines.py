@@ -1,0 +1,117 @@
+"""Deadlines, quorum and node faults on the server, against a stand-in grid: a silent client
+is dropped at the deadline, a round under quorum stops the run, a failed delivery excludes
+one client, two nodes claiming one partition are refused."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedsoda.federated.checkpoint import ServerState
+from fedsoda.federated.config import RunConfig
+from fedsoda.federated.messages import to_record
+from fedsoda.federated.nodes import Clients, handshake
+from fedsoda.federated.report import RoundLog
+from fedsoda.federated.server_app import QuorumError, Session, deliver_to, train_round
+from fedsoda.methods.assignment import Assignment
+from fedsoda.surgery.lora import LoraSpec
+
+KEY = "model.layers.7.self_attn.q_proj.lora_A.weight"
+HASH = "ab" * 32
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    # Flower stamps the run id on every message it creates; outside a run there is none.
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 0)
+
+
+def reply_to(message: Message, content: RecordDict | Error) -> Message:
+    metadata = Metadata(run_id=1, message_id="r", src_node_id=message.metadata.dst_node_id,
+                        dst_node_id=0, reply_to_message_id="m", group_id="", created_at=0.0,
+                        ttl=3600.0, message_type=message.metadata.message_type)
+    return Message(content, metadata=metadata)
+
+
+class Grid:
+    """Answers each message with ``answer(node, message)``: a RecordDict, an Error, or None
+    for a node that stays silent past the deadline."""
+
+    def __init__(self, answer):
+        self.answer, self.timeouts = answer, []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        self.timeouts.append(timeout)
+        replies = [(m, self.answer(m.metadata.dst_node_id, m)) for m in messages]
+        return [reply_to(m, content) for m, content in replies if content is not None]
+
+
+def trained(value: float) -> RecordDict:
+    return RecordDict({"adapter": to_record({KEY: torch.full((2, 3), value)}),
+                       "metrics": MetricRecord({"num_examples": 10, "train_loss": 0.5})})
+
+
+def session(grid: Grid, **changes) -> Session:
+    clients = Clients(node_of={pid: 100 + pid for pid in range(4)},
+                      declared={pid: 10 for pid in range(4)},
+                      held={pid: set() for pid in range(4)})
+    return Session(grid=grid, cfg=RunConfig(**changes), method=None,
+                   server=SimpleNamespace(lora=LoraSpec()), clients=clients,
+                   paths={HASH: __file__}, task=None, rows=[], submodel_bytes=0)
+
+
+def assignments() -> dict[int, Assignment]:
+    one = Assignment(layers=(7,), trainable=(7,), files=(("config.json", HASH),), kind="folder",
+                     quantization="nf4", local_steps=1, batch_size=1, lr=1e-3, mu=0.0)
+    return {pid: one for pid in range(4)}
+
+
+STATE = ServerState(adapter={KEY: torch.zeros(2, 3)})
+
+
+def test_a_silent_client_is_dropped_at_the_deadline_and_the_round_goes_on():
+    grid = Grid(lambda node, m: None if node == 102 else trained(1.0))
+    log = RoundLog(1)
+    kept = train_round(session(grid, round_timeout=30.0), STATE, assignments(), log)
+    assert [r.client for r in kept] == [0, 1, 3] and grid.timeouts == [30.0]
+    assert log.rejected == [{"client": 2, "reason": "no reply within round_timeout=30 s"}]
+
+
+def test_a_round_under_quorum_stops_the_run_saying_how_to_go_on():
+    grid = Grid(lambda node, m: trained(1.0) if node == 100 else trained(float("nan")))
+    with pytest.raises(QuorumError) as error:
+        train_round(session(grid, min_replies=2, out="runs/x"), STATE, assignments(), RoundLog(1))
+    message = str(error.value)
+    assert "round 1: 1 of 4 replies accepted, under min_replies=2" in message
+    assert "checkpoint after round 0 is intact" in message and "--resume runs/x" in message
+    # The default asks for one: a round where one client of four is sound goes on.
+    assert len(train_round(session(grid), STATE, assignments(), RoundLog(1))) == 1
+
+
+def test_a_failed_delivery_excludes_that_client_not_the_run():
+    def answer(node, m):
+        if node == 101:
+            return Error(code=0, reason="disk full")
+        return None if node == 103 else RecordDict({"metrics": MetricRecord({"ok": 1})})
+
+    run, log = session(Grid(answer), round_timeout=5.0), RoundLog(1)
+    left = deliver_to(run, assignments(), log)
+    assert sorted(left) == [0, 2]
+    assert {r["client"]: r["reason"] for r in log.rejected} == {
+        1: "file delivery failed: disk full", 3: "file delivery: no reply by the deadline"}
+    assert run.clients.held[0] == {HASH} and run.clients.held[1] == set()
+
+
+def test_two_nodes_claiming_one_partition_are_refused():
+    def hello(node, m):
+        return RecordDict({"metrics": MetricRecord({"partition_id": 0 if node < 3 else 1,
+                                                    "num_examples": 4}),
+                           "config": ConfigRecord({"held": [], "label_keys": [0],
+                                                   "label_counts": [4]})})
+
+    with pytest.raises(RuntimeError, match="nodes 1 and 2 both claim partition-id 0"):
+        handshake(Grid(hello), [1, 2, 3], RunConfig(clients=2, clients_per_round=2), [])
