@@ -108,3 +108,31 @@ def test_the_server_broadcast_advances_its_residual_once_per_round_step_and_scop
     second = broadcast(session, state, "global", state.adapter)
     assert torch.equal(second.view[KEY], encode(state.adapter, NF4, {KEY: residual}).view[KEY])
     assert list(session.sent) == [(1, 0, "global")]  # the last round's broadcasts are let go
+
+
+@pytest.mark.parametrize("settings", [WireSettings(), NF4])
+def test_a_reply_larger_than_its_tensors_can_be_is_rejected_before_decoding(settings, monkeypatch):
+    from fedsoda.federated import screening
+
+    def must_not_decode(*_args):
+        raise AssertionError("an oversized reply must not be decoded")
+
+    big = ArrayRecord({KEY: Array(dtype="float32", shape=(2, 64), stype="numpy.ndarray",
+                                  data=b"\0" * 10_000_000)})
+    monkeypatch.setattr(screening, "read_lora_record", must_not_decode)
+    result = screen_reply(reply(big), 1, EXPECTED, 5, settings)
+    # 2 x 64 values: fp32 128 + 512 bytes, nf4 64 + 8 bytes, each with 64 bytes of slack.
+    limit = {"fp32": 128 + 512 + 64, "nf4": 64 + 8 + 64}[settings.format]
+    assert result == f"adapter record of 10000000 bytes, over the {limit} its arrays can take; not decoded"
+
+
+def test_a_probe_reply_larger_than_three_cka_matrices_is_rejected_before_decoding():
+    from fedsoda.federated.screening import screen_probe
+
+    big = ArrayRecord({"similarity": Array(dtype="float32", shape=(4, 4), stype="numpy.ndarray",
+                                           data=b"\0" * 1_000_000)})
+    content = RecordDict({"probe": big, "metrics": MetricRecord({"num_examples": 5})})
+    # 4 layers: three 4 x 4 matrices and three 4-vectors, .npy buffers with 64 bytes of slack.
+    limit = 3 * (128 + 64 + 64) + 3 * (128 + 16 + 64)
+    assert screen_probe(content, 1, 4, 5) == (f"probe record of 1000000 bytes, over the {limit} "
+                                              "its arrays can take; not decoded")

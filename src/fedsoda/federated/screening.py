@@ -14,10 +14,20 @@ from dataclasses import dataclass
 import torch
 from flwr.app import ArrayRecord, MetricRecord
 
-from fedsoda.federated.messages import MessageError, from_record, read_lora_record
+from fedsoda.federated.messages import MessageError, from_record, read_lora_record, record_bytes
 from fedsoda.methods.assignment import Assignment
 from fedsoda.surgery.lora import layer_of
-from fedsoda.wire import WireSettings
+from fedsoda.wire import WireSettings, encoded_bytes
+
+HEADER_SLACK = 64  # bytes a .npy header may take beyond the 128 counted, per array
+
+
+def too_large(record: ArrayRecord, sizes: list[int], fmt: str = "fp32", block: int = 64) -> str:
+    """Why ``record`` is larger than arrays of ``sizes`` values in ``fmt`` can be ("" if it
+    is not): checked before anything in it is decoded."""
+    limit = sum(encoded_bytes(n, fmt, block) + HEADER_SLACK for n in sizes)
+    size = record_bytes(record)
+    return f"{size} bytes, over the {limit} its arrays can take; not decoded" if size > limit else ""
 
 
 @dataclass(frozen=True)
@@ -91,6 +101,14 @@ def screen_reply(content, client: int, expected: dict[str, torch.Tensor],
             return f"no {name!r} record"
         if not isinstance(content[name], kind):
             return f"the {name!r} record is a {type(content[name]).__name__}, not a {kind.__name__}"
+    keys = set(content["adapter"].keys())
+    if keys != set(expected):
+        missing, extra = sorted(set(expected) - keys), sorted(keys - set(expected))
+        return f"keys differ (missing {missing[:2]}, unexpected {extra[:2]})"
+    oversized = too_large(content["adapter"], [t.numel() for t in expected.values()], wire.format,
+                          wire.block)
+    if oversized:
+        return f"adapter record of {oversized}"
     try:
         update = read_lora_record(content["adapter"], wire)
     except MessageError as error:
@@ -125,6 +143,10 @@ def screen_probe(content, client: int, num_layers: int, max_examples: int, units
     for name, kind in (("probe", ArrayRecord), ("metrics", MetricRecord)):
         if name not in content or not isinstance(content[name], kind):
             return f"probe reply without a {kind.__name__} {name!r} record"
+    # At most layers, attention and MLP blocks: a CKA matrix and influences each.
+    oversized = too_large(content["probe"], [num_layers * num_layers, num_layers] * 3)
+    if oversized:
+        return f"probe record of {oversized}"
     try:
         arrays = from_record(content["probe"])
     except Exception as error:  # noqa: BLE001 - any decoding failure is the client's fault
