@@ -18,9 +18,13 @@
 #   --node-data PAT  each SuperNode brings its own data: SuperNode K trains on PAT with {k}
 #                    replaced by K (a JSON Lines file, or a folder, in the task's schema),
 #                    passed as node config data-path; without it, partition K of data_dir
+#   --tls            TLS and SuperNode authentication: a throw-away CA, server certificate
+#                    and one key pair per SuperNode in WORKDIR/tls (scripts/tls_material.py),
+#                    the SuperLink with --enable-supernode-auth, every SuperNode registered
+#                    with `flwr supernode register` before it starts
 #
-# This is the insecure local demo (no TLS, no SuperNode authentication); docs/deployment.md
-# says how to secure a real deployment. Exit status 0 only if the run finished successfully
+# Without --tls this is the insecure local demo; docs/deployment.md says how to secure a real
+# deployment with its own CA. Exit status 0 only if the run finished successfully
 # and its folder holds config.toml, metrics.jsonl (one line per round), summary.json and
 # adapter/.
 set -euo pipefail
@@ -31,7 +35,7 @@ BIN=${FEDSODA_BIN:-$REPO/.venv/bin}
 # SuperLink and SuperNodes start flower-superexec, flwr-serverapp and flwr-clientapp by name.
 export PATH="$BIN:$PATH"
 
-nodes="" port="" workdir="" timeout_s=3600 node_data=""
+nodes="" port="" workdir="" timeout_s=3600 node_data="" tls=""
 overrides=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -40,7 +44,8 @@ while [ $# -gt 0 ]; do
         --workdir) workdir=$2; shift 2 ;;
         --timeout) timeout_s=$2; shift 2 ;;
         --node-data) node_data=$2; shift 2 ;;
-        -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --tls) tls=1; shift ;;
+        -h|--help) sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *=*) overrides+=("$1"); shift ;;
         *) echo "deploy_local: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -161,9 +166,34 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# --- SuperLink and SuperNodes ------------------------------------------------------------
+# --- security: insecure demo, or TLS with SuperNode authentication ----------------------------
 mkdir -p "$workdir/logs" "$workdir/home/cli"
-FLWR_HOME="$workdir/home/superlink" "$BIN/flower-superlink" --insecure \
+link_security=(--insecure) cli_security="insecure = true"
+if [ -n "$tls" ]; then
+    "$BIN/python" "$REPO/scripts/tls_material.py" "$workdir/tls" "$nodes"
+    link_security=(--ssl-ca-certfile "$workdir/tls/ca.crt" --ssl-certfile "$workdir/tls/server.pem"
+                   --ssl-keyfile "$workdir/tls/server.key" --enable-supernode-auth)
+    cli_security="root-certificates = \"$workdir/tls/ca.crt\""
+fi
+node_security() {  # $1: SuperNode K -> its flags
+    if [ -n "$tls" ]; then
+        echo --root-certificates "$workdir/tls/ca.crt" --auth-supernode-private-key "$workdir/tls/node-$1"
+    else
+        echo --insecure
+    fi
+}
+# The CLI reads its SuperLink connections from $FLWR_HOME/config.toml (Flower >= 1.26).
+cat >"$workdir/home/cli/config.toml" <<EOF
+[superlink]
+default = "fedsoda-local"
+
+[superlink.fedsoda-local]
+address = "127.0.0.1:$link_port"
+$cli_security
+EOF
+
+# --- SuperLink and SuperNodes ------------------------------------------------------------
+FLWR_HOME="$workdir/home/superlink" "$BIN/flower-superlink" "${link_security[@]}" \
     --disable-runtime-dependency-installation --host 127.0.0.1 --port "$link_port" \
     >"$workdir/logs/superlink.log" 2>&1 &
 started+=($!)
@@ -181,11 +211,19 @@ if [ -z "$listening" ]; then
 fi
 
 for k in $(seq 0 $((nodes - 1))); do
+    if [ -n "$tls" ]; then  # only registered SuperNodes may connect
+        FLWR_HOME="$workdir/home/cli" "$BIN/flwr" supernode register "$workdir/tls/node-$k.pub" \
+            fedsoda-local >>"$workdir/logs/register.log" 2>&1 || {
+            tail -5 "$workdir/logs/register.log" >&2
+            echo "deploy_local: registering SuperNode $k failed" >&2
+            exit 1
+        }
+    fi
     mkdir -p "$workdir/node-$k/cache"
     # Each SuperNode is its own device: its own Flower home and its own fedsoda cache (where
     # the ClientApp keeps the sub-LLM it received).
     FLWR_HOME="$workdir/node-$k/flwr" FEDSODA_CACHE="$workdir/node-$k/cache" \
-        "$BIN/flower-supernode" --insecure --superlink "127.0.0.1:$link_port" \
+        "$BIN/flower-supernode" $(node_security "$k") --superlink "127.0.0.1:$link_port" \
         --host 127.0.0.1 --port "${ports[k + 1]}" \
         --node-config "partition-id=$k num-partitions=$nodes${node_data:+ data-path=\"$(realpath -m -- "${node_data//\{k\}/$k}")\"}" \
         >"$workdir/logs/supernode-$k.log" 2>&1 &
@@ -194,16 +232,7 @@ for k in $(seq 0 $((nodes - 1))); do
 done
 
 # --- the run -----------------------------------------------------------------------------
-# The CLI reads its SuperLink connections from $FLWR_HOME/config.toml (Flower >= 1.26).
 export FLWR_HOME="$workdir/home/cli"
-cat >"$FLWR_HOME/config.toml" <<EOF
-[superlink]
-default = "fedsoda-local"
-
-[superlink.fedsoda-local]
-address = "127.0.0.1:$link_port"
-insecure = true
-EOF
 
 began=$(date +%s)
 echo "deploy_local: flwr run $REPO fedsoda-local --run-config '$run_config' --stream"
