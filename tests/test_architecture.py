@@ -18,7 +18,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "fedsoda"
 # down: core libraries at the bottom, then the methods, the runtime, the tools, the CLI.
 BELOW_METHODS = {"models", "data", "surgery", "align", "evaluate", "activation_cache",
                  "training", "accounting", "aggregation", "budgets", "schedule", "wire",
-                 "wire_settings"}
+                 "wire_settings", "fidelity"}
 ALLOWED: dict[str, set[str]] = {
     "__init__": set(),
     "models": set(),
@@ -29,6 +29,7 @@ ALLOWED: dict[str, set[str]] = {
     "activation_cache": {"models", "data", "surgery"},
     "training": {"models", "data", "surgery", "activation_cache"},
     "accounting": {"models", "data", "surgery", "training"},
+    "fidelity": {"models", "data", "surgery", "training"},
     "aggregation": {"models", "surgery"},
     "budgets": {"models", "surgery", "accounting"},
     "schedule": set(),

@@ -62,6 +62,11 @@ def test_two_rounds_write_a_complete_run_folder(tiny_model_dir, shared_data, tmp
                 "realigned", "seconds"):
         assert key in rounds[0]
     assert rounds[0]["realigned"] and not rounds[1]["realigned"]  # no realignment after the last
+    # The gradient-fidelity probe: before round 1 (B = 0) and at every evaluated round.
+    fidelity = json.loads((out / "fidelity.json").read_text())
+    assert list(fidelity) == ["0", "1", "2"]
+    assert [fidelity[str(r["round"])] for r in rounds] == [r["fidelity"] for r in rounds]
+    assert all(-1 <= f["cosine"] <= 1 and f["examples"] == 4 * 8 for f in fidelity.values())
     # Bytes equal the serialized sizes of the tensors: adapter LoRA down and up for each client;
     # in round 2 the emulator LoRA (new after the realignment) goes down too.
     adapter = load_file(str(out / "checkpoint" / "adapter.safetensors"))

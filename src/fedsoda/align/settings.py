@@ -33,10 +33,16 @@ class AlignSettings:
     # ``relative_mse``); "mse" is the paper's plain L_inter/L_final.
     rep_loss: str = "relative"
     seed: int = 0
+    # Task batches (of ``batch_size`` training examples) on which the gradient-fidelity probe
+    # (fedsoda.fidelity) runs before round 1 and at every evaluation; 0 turns it off.
+    fidelity_batches: int = 4
 
     def __post_init__(self) -> None:
         if min(self.samples, self.heldout, self.batch_size, self.seq_len) < 1:
             raise ValueError("alignment samples, heldout, batch_size and seq_len must be >= 1")
+        if self.fidelity_batches < 0:
+            raise ValueError(f"align.fidelity_batches must be >= 0 (0: no probe), got "
+                             f"{self.fidelity_batches}")
         if self.epochs < 0 or self.realign_epochs < 0 or self.lr <= 0:
             raise ValueError("alignment epochs must be >= 0 and lr > 0")
         if self.alpha < 0 or self.beta < 0 or self.alpha + self.beta == 0:

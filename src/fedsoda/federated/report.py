@@ -57,7 +57,7 @@ class RoundLog:
                  "submodel_bytes_total": submodel_bytes_total, "rejected": self.rejected}
         if accuracy is not None:
             entry["accuracy"] = accuracy
-        for key in ("option_shares", "auc", "best_threshold_accuracy"):
+        for key in ("option_shares", "auc", "best_threshold_accuracy", "fidelity"):
             if scored and key in scored:
                 entry[key] = scored[key]
         return entry

@@ -14,11 +14,14 @@ The functions every method module provides, in the order the runtime calls them:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from fedsoda.data.tasks import get_task
+from fedsoda.fidelity import probe_batches
 from fedsoda.methods import server_models
 from fedsoda.methods.assignment import Assignment
 from fedsoda.methods.recipe import Recipe
@@ -33,6 +36,7 @@ class Offsite:
     recipe: Recipe
     models: server_models.ServerModels
     files: dict[str, tuple[str, Path]]  # client model file name -> (sha256, path)
+    probe: list[dict] = field(default_factory=list)  # gradient-fidelity batches (may be none)
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -55,7 +59,23 @@ def prepare(cfg, out: Path, resume: bool) -> Offsite:
     recipe = get_recipe(cfg.method)
     models = server_models.prepare(recipe, cfg.model, cfg.prune, cfg.align, cfg.data_folder,
                                    out, pre_align=not resume)
-    return Offsite(recipe=recipe, models=models, files=folder_files(models.folder / "model"))
+    server = Offsite(recipe=recipe, models=models, files=folder_files(models.folder / "model"))
+    if cfg.align.fidelity_batches:
+        server.probe = probe_batches(get_task(cfg.task), cfg.data_folder, models.tokenizer,
+                                     cfg.max_tokens, cfg.align.fidelity_batches,
+                                     cfg.align.batch_size)
+        if not resume:  # the initial adapter (B = 0) after pre-alignment: round 0
+            write_fidelity(out, {0: server_models.fidelity(models, server.probe)})
+    return server
+
+
+def write_fidelity(out: Path, rounds: dict[int, dict]) -> None:
+    """``fidelity.json``: the probe's figures by round, merged into what the file holds."""
+    path = out / "fidelity.json"
+    kept = json.loads(path.read_text()) if path.exists() else {}
+    kept.update({str(r): figures for r, figures in rounds.items()})
+    path.write_text(json.dumps(dict(sorted(kept.items(), key=lambda kv: int(kv[0]))),
+                               indent=1) + "\n")
 
 
 def initial_state(server: Offsite) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -96,8 +116,12 @@ def after_round(server: Offsite, cfg, state) -> bool:
 
 
 def evaluate(server: Offsite, task, rows: list[dict], data_dir: str | None) -> dict:
-    """The deliverable: the full LLM with the plugged global adapter."""
-    return server_models.evaluate_full(server.models, task, rows, data_dir)
+    """The deliverable: the full LLM with the plugged global adapter; with the gradient
+    fidelity of the client model against it (``fedsoda.fidelity``) when the run probes."""
+    scored = server_models.evaluate_full(server.models, task, rows, data_dir)
+    if server.probe:
+        scored["fidelity"] = server_models.fidelity(server.models, server.probe)
+    return scored
 
 
 def summary(server: Offsite, cfg, state, out: Path, task, rows: list[dict]) -> dict:
@@ -106,6 +130,8 @@ def summary(server: Offsite, cfg, state, out: Path, task, rows: list[dict]) -> d
 
     models = server.models
     server_models.export_adapter(models, out / "adapter")
+    if server.probe:  # the evaluated rounds' figures beside round 0's
+        write_fidelity(out, {m["round"]: m["fidelity"] for m in state.metrics if "fidelity" in m})
     return {
         **server.recipe.columns,
         "accuracy_sub": server_models.evaluate_sub(models, task, rows, cfg.data_folder)["accuracy"],

@@ -21,6 +21,7 @@ from fedsoda.align.oda import (
     realign_indices,
 )
 from fedsoda.evaluate.tasks import evaluate
+from fedsoda.fidelity import gradient_fidelity
 from fedsoda.methods.client_model import build_client_model, recipe_plan
 from fedsoda.methods.recipe import Recipe
 from fedsoda.models import load
@@ -116,6 +117,15 @@ def evaluate_full(models: ServerModels, task, rows: list[dict], data_dir: str | 
 def evaluate_sub(models: ServerModels, task, rows: list[dict], data_dir: str | None) -> dict:
     """Accuracy of what clients see: the client model with both LoRA sets."""
     return evaluate(models.sub.model, models.tokenizer, task, rows, data_dir=data_dir)
+
+
+def fidelity(models: ServerModels, batches: list[dict]) -> dict:
+    """Gradient fidelity of the client model against the full LLM, both holding the global
+    adapter (``fedsoda.fidelity``)."""
+    sub = models.sub
+    full_layers = [sub.plan.kept_layers[i] for i in sub.adapter_layers]
+    return gradient_fidelity(sub.model, list(sub.adapter_layers), models.teacher, full_layers,
+                             batches)
 
 
 def export_adapter(models: ServerModels, folder: Path) -> Path:

@@ -1,0 +1,150 @@
+"""Gradient fidelity: does the client model push the adapter where the full LLM would?
+
+FedSODA's claim is mechanistic: similarity group pruning keeps the layers that matter and
+orchestrated distillation alignment "reduces gradient divergence between the sub-LLM and the
+full LLM". This measures exactly that, as plain functions with no runtime. For a client model
+and the full LLM holding the *same* adapter LoRA, on the same task batches:
+
+- ``cosine``: between the gradient of the task loss w.r.t. the adapter LoRA computed through
+  the client model and through the full LLM (every adapter tensor flattened, summed over the
+  batches); 1 when the client model is the full model, the direction clients train in;
+- ``norm_ratio``: ``|g_client| / |g_full|`` (how much larger a step the client takes);
+- ``layers``: both figures per adapter layer (full-model index);
+- ``input_error``: per adapter layer, ``|h_client - h_full| / |h_full|`` of the hidden state
+  entering it; ``emulator_error`` is this at the first adapter layer fed by the emulator.
+
+Hidden-state errors leave out each row's first token: its massive activations (the attention
+sink) would decide the norm and say nothing about the rest (the same choice as FedPruner's
+CKA, see ``fedsoda.surgery.cka``).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from fedsoda.data.task import EncodedExamples, Task, load_rows, pad_id
+from fedsoda.models.layers import decoder_layers
+from fedsoda.surgery.lora import layer_of, plain_name, rename_layers, set_trainable
+from fedsoda.training import answer_loss, collate
+
+
+def task_batches(encoded: Sequence[dict[str, list[int]]], pad_id: int, batches: int,
+                 size: int) -> list[dict[str, torch.Tensor]]:
+    """The probe's batches: the first ``batches * size`` encoded examples, in order."""
+    picked = [encoded[i] for i in range(min(len(encoded), batches * size))]
+    if not picked:
+        raise ValueError("the fidelity probe needs at least one task example")
+    return [collate(picked[start: start + size], pad_id) for start in range(0, len(picked), size)]
+
+
+def probe_batches(task: Task, data_dir: str | None, tokenizer, max_tokens: int, batches: int,
+                  size: int) -> list[dict[str, torch.Tensor]]:
+    """``batches`` batches of ``size`` examples of the task's training split, drawn with one
+    fixed seed, so every run and method is probed on the same examples.
+
+    A measurement only: nothing trains on them. In a simulation they are some clients'
+    examples; a deployment's server without the training split would point ``data_dir`` at a
+    sample of its own.
+    """
+    rows = load_rows(task, task.train_split, data_dir)
+    random.Random(0).shuffle(rows)
+    encoded = EncodedExamples(task, rows[: batches * size], tokenizer, max_tokens)
+    return task_batches(encoded, pad_id(tokenizer), batches, size)
+
+
+def _layer_inputs(model: nn.Module, layers: list[int], captured: dict[int, list[torch.Tensor]]):
+    """Forward pre-hooks that keep (detached) the hidden state entering each of ``layers``."""
+    stack = decoder_layers(model)
+
+    def hook_for(index: int):
+        def hook(_module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            captured.setdefault(index, []).append(hidden.detach().float())
+        return hook
+
+    return [stack[i].register_forward_pre_hook(hook_for(i), with_kwargs=True) for i in layers]
+
+
+def adapter_gradients(model: nn.Module, layers: list[int], batches: list[dict]) -> dict:
+    """The task-loss gradient w.r.t. the LoRA of ``layers``, summed over ``batches`` (the
+    model's own names), the mean loss, and the hidden states entering those layers.
+
+    The model is left as it was found: frozen, in its train/eval mode, no ``.grad`` touched.
+    """
+    set_trainable(model, layers)
+    named = {plain_name(n): p for n, p in model.named_parameters() if p.requires_grad}
+    if not named:
+        raise ValueError(f"no LoRA on layers {layers} of this model to take gradients of")
+    was_training = model.training
+    model.eval()  # no dropout: both models see the same function of their weights
+    totals = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in named.items()}
+    captured: dict[int, list[torch.Tensor]] = {}
+    handles = _layer_inputs(model, layers, captured)
+    losses = []
+    try:
+        for batch in batches:
+            loss = answer_loss(model, batch)
+            for name, grad in zip(named, torch.autograd.grad(loss, list(named.values())),
+                                  strict=True):
+                totals[name] += grad.float()
+            losses.append(loss.item())
+    finally:
+        for handle in handles:
+            handle.remove()
+        set_trainable(model, [])
+        model.train(was_training)
+    return {"grads": totals, "loss": sum(losses) / len(losses), "inputs": captured}
+
+
+def cosine_and_ratio(client: list[torch.Tensor], full: list[torch.Tensor]) -> tuple:
+    a = torch.cat([t.flatten() for t in client]).double()
+    b = torch.cat([t.flatten() for t in full]).double()
+    na, nb = a.norm().item(), b.norm().item()
+    cosine = (a @ b).item() / (na * nb) if na > 0 and nb > 0 else math.nan
+    return cosine, (na / nb if nb > 0 else math.nan)
+
+
+def relative_error(client: list[torch.Tensor], full: list[torch.Tensor],
+                   masks: list[torch.Tensor]) -> float:
+    """``|h_client - h_full| / |h_full|`` over every real token but each row's first."""
+    num = den = 0.0
+    for a, b, mask in zip(client, full, masks, strict=True):
+        keep = mask.bool().clone()
+        keep[:, 0] = False
+        num += (a - b)[keep].double().pow(2).sum().item()
+        den += b[keep].double().pow(2).sum().item()
+    return math.sqrt(num / den) if den > 0 else math.nan
+
+
+def gradient_fidelity(client: nn.Module, client_layers: list[int], full: nn.Module,
+                      full_layers: list[int], batches: list[dict]) -> dict:
+    """The figures of the module docstring. ``client_layers[i]`` of the client model is
+    ``full_layers[i]`` of the full LLM; both must hold the same adapter LoRA."""
+    if len(client_layers) != len(full_layers):
+        raise ValueError(f"{len(client_layers)} client adapter layers against {len(full_layers)}")
+    ours = adapter_gradients(client, list(client_layers), batches)
+    theirs = adapter_gradients(full, list(full_layers), batches)
+    mapped = rename_layers(ours["grads"], dict(zip(client_layers, full_layers, strict=True)))
+    if set(mapped) != set(theirs["grads"]):
+        raise ValueError("the client model's adapter LoRA and the full LLM's differ in names")
+    names = sorted(mapped)
+    cosine, ratio = cosine_and_ratio([mapped[n] for n in names], [theirs["grads"][n] for n in names])
+    masks = [batch["attention_mask"] for batch in batches]
+    per_layer, inputs = {}, {}
+    for mine, layer in zip(client_layers, full_layers, strict=True):
+        keys = [n for n in names if layer_of(n) == layer]
+        c, r = cosine_and_ratio([mapped[n] for n in keys], [theirs["grads"][n] for n in keys])
+        per_layer[str(layer)] = {"cosine": c, "norm_ratio": r}
+        inputs[str(layer)] = relative_error(ours["inputs"][mine], theirs["inputs"][layer], masks)
+    # The emulator feeds the first adapter layer whose client-model predecessor is no adapter.
+    fed = [layer for mine, layer in zip(client_layers, full_layers, strict=True)
+           if mine > 0 and mine - 1 not in set(client_layers)]
+    return {"cosine": cosine, "norm_ratio": ratio, "loss_client": ours["loss"],
+            "loss_full": theirs["loss"], "layers": per_layer, "input_error": inputs,
+            "emulator_error": inputs[str(fed[0])] if fed else None,
+            "examples": sum(int(b["input_ids"].shape[0]) for b in batches)}
