@@ -54,7 +54,8 @@ def test_two_rounds_write_a_complete_run_folder(tiny_model_dir, shared_data, tmp
     out = tmp_path / "run"
     summary = simulate(tiny_config(tiny_model_dir, shared_data, out))
     for name in ("config.toml", "plan.json", "metrics.jsonl", "summary.json", "curve.png",
-                 "adapter/adapter_config.json", "align.json", "subllm/model/config.json"):
+                 "adapter/adapter_config.json", "align.json", "subllm/model/config.json",
+                 "fidelity.png"):
         assert (out / name).exists(), name
     rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2]

@@ -5,8 +5,8 @@ import math
 
 import pytest
 import torch
-from conftest import random_batches, tiny_model
 
+from conftest import random_batches, tiny_model
 from fedsoda.fidelity import cosine_and_ratio, gradient_fidelity, relative_error
 from fedsoda.surgery.lora import attach_lora, load_lora_state, lora_state
 from fedsoda.surgery.quantize import quantize_nf4

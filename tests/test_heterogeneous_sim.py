@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from ray import cloudpickle
@@ -71,6 +72,7 @@ def test_clients_holding_different_layers_are_averaged_layer_by_layer(
     assert any(not torch.equal(final[k], initial[k]) for k in final if "lora_B" in k)
 
 
+@pytest.mark.slow  # CI resumes FedSODA and HierFedLoRA; FedRA's resume runs with FEDSODA_TESTS=all
 def test_fedra_resumes_bit_for_bit(tiny_model_dir, shared_data, tmp_path, monkeypatch):
     straight, resumed = straight_and_resumed(
         tiny_model_dir, shared_data, tmp_path, monkeypatch, method="fedra", clients=3,
@@ -80,6 +82,7 @@ def test_fedra_resumes_bit_for_bit(tiny_model_dir, shared_data, tmp_path, monkey
     assert states[0]["method"] == states[1]["method"]
 
 
+@pytest.mark.slow  # CI pins FedSODA's and FedPETuning's runs (test_reproducible) instead
 def test_two_identical_runs_give_the_same_adapter_bit_for_bit(tiny_model_dir, shared_data, tmp_path,
                                                              monkeypatch):
     # The activation cache lives in whichever actor served a client before: with 4 clients,

@@ -155,7 +155,15 @@ def markdown_table(rows: list[dict], runs: list[dict]) -> str:
 # Threshold-free figures of the last evaluation, where the runs recorded them: the cell's
 # header and how a mean of the values is printed.
 FINAL_FIGURES = {"best_threshold_accuracy": ("best-threshold acc.", lambda v: f"{100 * v:.1f}"),
-                 "auc": ("AUC", lambda v: f"{v:.3f}")}
+                 "auc": ("AUC", lambda v: f"{v:.3f}"),
+                 # fedsoda.fidelity: the client model's adapter gradient against the full LLM's
+                 "grad_cosine": ("grad. cosine", lambda v: f"{v:.2f}")}
+
+
+def _evaluated(metrics: list[dict]) -> dict[int, dict]:
+    """A run's evaluated rounds by number, the probe's overall cosine lifted to the top."""
+    return {m["round"]: m | ({"grad_cosine": m["fidelity"]["cosine"]} if "fidelity" in m else {})
+            for m in metrics if "accuracy" in m}
 
 
 def rounds_table(runs: list[dict]) -> str:
@@ -167,8 +175,7 @@ def rounds_table(runs: list[dict]) -> str:
     """
     by_method: dict[str, list[dict]] = defaultdict(list)
     for run in runs:
-        by_method[row_of(run["summary"])].append(
-            {m["round"]: m for m in run["metrics"] if "accuracy" in m})
+        by_method[row_of(run["summary"])].append(_evaluated(run["metrics"]))
     rounds = sorted(set.intersection(*(set(e) for group in by_method.values() for e in group)))
     if not rounds:
         raise ValueError("the runs share no evaluation round")

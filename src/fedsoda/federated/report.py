@@ -126,6 +126,37 @@ def plot_curve(metrics: list[dict], path: Path, title: str) -> None:
     plt.close(figure)
 
 
+def plot_fidelity(fidelity: dict, path: Path, title: str) -> None:
+    """The gradient-fidelity probe by round (``fidelity.json``): the cosine between the client
+    model's and the full LLM's adapter gradients, overall and per adapter layer, beside the
+    norm ratio and the emulator's relative output error."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = sorted(fidelity, key=int)
+    x = [int(r) for r in rounds]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
+    left.plot(x, [fidelity[r]["cosine"] for r in rounds], marker="o", color="k", label="all")
+    for layer in fidelity[rounds[0]]["layers"]:
+        left.plot(x, [fidelity[r]["layers"][layer]["cosine"] for r in rounds], marker=".",
+                  alpha=0.6, label=f"layer {layer}")
+    left.set_xlabel("round (0: before training)")
+    left.set_ylabel("gradient cosine, client vs full")
+    left.legend(fontsize=7)
+    right.plot(x, [fidelity[r]["norm_ratio"] for r in rounds], marker="o", label="norm ratio")
+    errors = [fidelity[r]["emulator_error"] for r in rounds]
+    if None not in errors:
+        right.plot(x, errors, marker="s", label="emulator output rel. error")
+    right.set_xlabel("round (0: before training)")
+    right.legend(fontsize=7)
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def plot_selection(summary: dict, path: Path, title: str) -> None:
     """FedPruner's picture: the averaged CKA matrix the groups came from, beside how often
     each layer (FedPruner+: each attention and MLP block) was chosen in each round."""
@@ -187,6 +218,9 @@ def write_summary(cfg, out: Path, method, server, state, task, rows, wall_second
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_curve(metrics, out / "curve.png", f"{cfg.method} on {cfg.task}, {cfg.clients} clients")
+    if (out / "fidelity.json").exists():  # offsite methods probe their gradient fidelity
+        plot_fidelity(json.loads((out / "fidelity.json").read_text()), out / "fidelity.png",
+                      f"{cfg.method} on {cfg.task}, seed {cfg.seed}: gradient fidelity")
     if summary.get("clients_by_round") and summary.get("similarity"):  # FedPruner
         plot_selection(summary, out / "selection.png", f"{cfg.method} on {cfg.task}, seed {cfg.seed}")
     return summary

@@ -1,0 +1,194 @@
+"""What moves gradient fidelity, and does the adapter then teach the full LLM?  Issue 17.
+
+    FEDSODA_DATA_DIR=../shared/data python bench/fidelity_sweep.py --out bench/fidelity_sweep.json
+
+For each variant a fresh client model is built and aligned as the variant says, then probed
+with ``fedsoda.fidelity`` (the same probe a run keeps in ``fidelity.json``: 4 batches of 8
+SST-2 training examples) with the initial adapter (B = 0). Its adapter LoRA then trains on the
+client model as the quickstart's clients do, centralised (``--rounds`` rounds of ``--steps``
+AdamW steps, batch 8, lr 3e-4, FedProx 0.01, a fresh optimizer each round, realignment after
+round ``--realign-every`` as FedSODA does), and is probed again. Finally the trained adapter is
+plugged into the full LLM and SST-2 validation is scored: accuracy, best-threshold accuracy
+and AUC of the option margin (zero-shot first, as the reference).
+
+One model load; each plan's teacher cache is built once. Resumable: variants already in
+``--out`` are skipped. Variants (``--variants``, comma-separated) are in ``VARIANTS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import random
+import tempfile
+import time
+from pathlib import Path
+
+from fedsoda.align.oda import AlignSettings, align, pre_align, public_caches, realign_indices
+from fedsoda.data.task import EncodedExamples, load_rows, pad_id
+from fedsoda.data.tasks import get_task
+from fedsoda.evaluate.options import margin_report, option_scores
+from fedsoda.evaluate.tasks import evaluation_rows
+from fedsoda.fidelity import gradient_fidelity, probe_batches
+from fedsoda.methods import RECIPES
+from fedsoda.methods.client_model import recipe_plan
+from fedsoda.models import load
+from fedsoda.surgery.build import make_sub_llm
+from fedsoda.surgery.lora import LoraSpec, load_lora_state, to_full
+from fedsoda.surgery.plan import PruneSettings
+from fedsoda.surgery.plugback import plug_adapter
+from fedsoda.training import configure_threads, local_train
+
+# name -> (recipe whose plan and emulator LoRA it uses, PruneSettings, AlignSettings (None: no
+# alignment at all), LoRA rank). The default is FedSODA's quickstart.
+VARIANTS = {
+    "unaligned": ("fedsoda", {}, None, 8),
+    "default": ("fedsoda", {}, {}, 8),
+    "uniform": ("fedsoda_uniform", {}, {}, 8),
+    "epochs4": ("fedsoda", {}, {"epochs": 4}, 8),
+    "emulator_all": ("fedsoda_all", {}, {}, 8),
+    "mse_paper": ("fedsoda", {}, {"rep_loss": "mse", "alpha": 1e-4, "beta": 1.0}, 8),
+    "adapter6": ("fedsoda", {"adapter_layers": 6}, {}, 8),
+    "rank32": ("fedsoda", {}, {}, 32),
+    "prune_half": ("fedsoda", {"p": 2}, {}, 8),
+    "epochs16": ("fedsoda", {}, {"epochs": 16}, 8),
+}
+# The ceiling: the adapter trained on the full LLM itself (fidelity 1 by construction).
+ORACLE = "oracle"
+
+
+def recipe_of(name: str):
+    """FedSODA's recipe, or it with uniform dropping or LoRA on every emulator layer."""
+    base = RECIPES["fedsoda"]
+    return {"fedsoda": base,
+            "fedsoda_uniform": dataclasses.replace(base, name=name, pruning="uniform"),
+            "fedsoda_all": dataclasses.replace(base, name=name, emulator_lora="all")}[name]
+
+
+def scores(model, tokenizer, task, examples) -> dict:
+    """Accuracy, best-threshold accuracy and AUC of ``score(option 1) - score(option 0)``."""
+    rows = []
+    for start in range(0, len(examples), 16):
+        rows += option_scores(model, tokenizer, examples[start: start + 16], task.options, 512)
+    margin = [r[1] - r[0] for r in rows]
+    labels = [e.label for e in examples]
+    report = margin_report(margin, labels)
+    accuracy = sum((m > 0) == (y == 1) for m, y in zip(margin, labels, strict=True)) / len(labels)
+    return {"accuracy": accuracy, "best_threshold_accuracy": report["best_threshold_accuracy"],
+            "auc": report["auc"]}
+
+
+def train_rounds(sub, plan, teacher, public, settings, train, args, pad) -> list[dict]:
+    """The quickstart's client training, centralised; realigns as FedSODA does."""
+    history = []
+    for round_number in range(1, args.rounds + 1):
+        trained = local_train(sub.model, sub.adapter_layers, train, args.steps, 8, args.lr,
+                              0.01, round_number, pad)
+        load_lora_state(teacher, to_full(trained["state"], plan.kept_layers))
+        entry = {"round": round_number, "loss": trained["loss"]}
+        if (public is not None and round_number % args.realign_every == 0
+                and round_number < args.rounds):
+            align(teacher, sub.model, plan, public, settings, settings.realign_epochs,
+                  batch_indices=realign_indices(public, settings, round_number),
+                  lora_layers=sub.emulator_layers)
+            entry["realigned"] = True
+        history.append(entry)
+    return history
+
+
+def run_oracle(full, tokenizer, args, task, examples, train) -> dict:
+    """The adapter layers trained on the full LLM: what any client model could at best give."""
+    plan = recipe_plan(RECIPES["fedsoda"], args.model, full, tokenizer, PruneSettings(),
+                       args.data_dir)
+    began = time.perf_counter()
+    teacher = plug_adapter(copy.deepcopy(full), {}, plan)
+    rounds = []
+    for round_number in range(1, args.rounds + 1):
+        trained = local_train(teacher, plan.full_adapter_layers, train, args.steps, 8, args.lr,
+                              0.01, round_number, pad_id(tokenizer))
+        rounds.append({"round": round_number, "loss": trained["loss"]})
+    return {"adapter_layers": plan.full_adapter_layers, "rounds": rounds,
+            "scores": scores(teacher, tokenizer, task, examples),
+            "seconds": time.perf_counter() - began}
+
+
+def run_variant(name, full, tokenizer, args, task, examples, train, batches, caches, tmp) -> dict:
+    if name == ORACLE:
+        return run_oracle(full, tokenizer, args, task, examples, train)
+    recipe_name, prune_changes, align_changes, rank = VARIANTS[name]
+    recipe = recipe_of(recipe_name)
+    settings = AlignSettings(**(align_changes or {}))
+    plan = recipe_plan(recipe, args.model, full, tokenizer, PruneSettings(**prune_changes),
+                       args.data_dir)
+    began = time.perf_counter()
+    sub = make_sub_llm(full, plan, f"{tmp}/{name}", tokenizer, LoraSpec(r=rank, alpha=2 * rank),
+                       seed=settings.seed, emulator_lora=recipe.emulator_lora)
+    teacher = plug_adapter(copy.deepcopy(full), sub.adapter_lora(), plan, sub.spec)
+    result: dict = {"plan": plan.kept_layers, "adapter_layers": plan.full_adapter_layers,
+                    "rank": rank, "align": align_changes}
+    public = None
+    if align_changes is not None:
+        key = (tuple(plan.kept_layers), settings.samples, settings.seq_len)
+        if key not in caches:  # the teacher's emulator does not depend on the adapter
+            caches[key] = public_caches(teacher, plan, tokenizer, settings, args.data_dir)
+        public, heldout = caches[key]
+        result["pre_align"] = pre_align(teacher, sub.model, plan, public, heldout, settings,
+                                        lora_layers=sub.emulator_layers)
+    full_layers = plan.full_adapter_layers
+    result["fidelity_initial"] = gradient_fidelity(sub.model, sub.adapter_layers, teacher,
+                                                   full_layers, batches)
+    result["rounds"] = train_rounds(sub, plan, teacher, public, settings, train, args,
+                                    pad_id(tokenizer))
+    result["fidelity_trained"] = gradient_fidelity(sub.model, sub.adapter_layers, teacher,
+                                                   full_layers, batches)
+    result["scores"] = scores(teacher, tokenizer, task, examples)
+    result["seconds"] = time.perf_counter() - began
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--realign-every", type=int, default=5)
+    parser.add_argument("--eval-limit", type=int, default=0)
+    parser.add_argument("--variants", default=",".join([ORACLE, *VARIANTS]))
+    parser.add_argument("--out", default="fidelity_sweep.json")
+    args = parser.parse_args()
+    names = args.variants.split(",")
+    if unknown := sorted(set(names) - set(VARIANTS) - {ORACLE}):
+        parser.error(f"unknown variants {unknown}; choose from {ORACLE}, {', '.join(VARIANTS)}")
+    configure_threads()
+    task = get_task("sst2")
+    full, tokenizer = load(args.model)
+    examples = [task.to_example(r) for r in evaluation_rows(task, args.data_dir,
+                                                            args.eval_limit or None)]
+    rows = load_rows(task, task.train_split, args.data_dir)
+    random.Random(1).shuffle(rows)  # not the probe's draw (seed 0)
+    train = EncodedExamples(task, rows[: args.rounds * args.steps * 8 * 2], tokenizer, 256)
+    batches = probe_batches(task, args.data_dir, tokenizer, 256, 4, 8)
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.exists() else {"args": vars(args)}
+
+    def record(key: str, value) -> None:
+        results[key] = value
+        print(json.dumps({key: value})[:2000], flush=True)
+        out.write_text(json.dumps(results, indent=1) + "\n")
+
+    if "zero_shot" not in results:
+        record("zero_shot", scores(full, tokenizer, task, examples))
+    caches: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            if name not in results:
+                record(name, run_variant(name, full, tokenizer, args, task, examples, train,
+                                         batches, caches, tmp))
+
+
+if __name__ == "__main__":
+    main()
