@@ -18,7 +18,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "fedsoda"
 # down: core libraries at the bottom, then the methods, the runtime, the tools, the CLI.
 BELOW_METHODS = {"models", "data", "surgery", "align", "evaluate", "activation_cache",
                  "training", "accounting", "aggregation", "budgets", "schedule", "wire",
-                 "wire_settings", "fidelity"}
+                 "wire_settings", "fidelity", "dp_settings"}
 ALLOWED: dict[str, set[str]] = {
     "__init__": set(),
     "models": set(),
@@ -34,6 +34,7 @@ ALLOWED: dict[str, set[str]] = {
     "budgets": {"models", "surgery", "accounting"},
     "schedule": set(),
     "wire_settings": set(),
+    "dp_settings": set(),
     "wire": {"wire_settings"},
     "methods": BELOW_METHODS,
     "federated": BELOW_METHODS | {"methods"},

@@ -48,6 +48,8 @@ class ServerState:
     # The server's broadcast rounding residuals (quantized wire with error feedback down),
     # named "scope/tensor"; empty for fp32.
     wire_residual: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Updates each client sent (client id -> count): what differential privacy accounts.
+    releases: dict[str, int] = field(default_factory=dict)
 
 
 def _sibling(folder: Path, suffix: str) -> Path:
@@ -79,7 +81,8 @@ def _write(state: ServerState, tmp: Path) -> None:
         if values or name in ("adapter", "emulator"):
             save_file({k: v.contiguous() for k, v in values.items()}, str(tmp / f"{name}.safetensors"))
     meta = {"round": state.round, "emulator_version": state.emulator_version,
-            "holders": state.holders, "metrics": state.metrics, "method": state.method}
+            "holders": state.holders, "metrics": state.metrics, "method": state.method,
+            "releases": state.releases}
     (tmp / "state.json").write_text(json.dumps(meta, indent=1))
     files = sorted(p for p in tmp.iterdir() if p.is_file())
     manifest = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files}
@@ -137,7 +140,8 @@ def _read(folder: Path) -> ServerState:
     return ServerState(round=meta["round"], adapter=load_file(str(folder / "adapter.safetensors")),
                        emulator=load_file(str(folder / "emulator.safetensors")),
                        emulator_version=meta["emulator_version"], holders=meta["holders"],
-                       metrics=meta["metrics"], method=meta.get("method", {}), **optional)
+                       metrics=meta["metrics"], method=meta.get("method", {}),
+                       releases=meta.get("releases", {}), **optional)
 
 
 def load_checkpoint(folder: Path | str) -> ServerState:

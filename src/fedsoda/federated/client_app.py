@@ -41,6 +41,7 @@ from fedsoda.activation_cache import ActivationCache, MiB
 from fedsoda.data.partition import task_partitions
 from fedsoda.data.task import EncodedExamples, pad_id, read_client_rows
 from fedsoda.data.tasks import get_task
+from fedsoda.federated.dp import privatize
 from fedsoda.federated.messages import (
     KEY,
     SHA256,
@@ -304,7 +305,11 @@ def train(message: Message, context: Context) -> Message:
                             "seconds": result["seconds"], "partition_id": pid,
                             "cache_hits": cache.hits - hits if cache is not None else 0,
                             "cache_misses": cache.misses - misses if cache is not None else 0})
-    adapter = upload(storage, config, to_full(result["state"], a.layers), start)
+    trained = to_full(result["state"], a.layers)
+    if config.dp.enabled:  # clipped and noised here: the server never sees the raw update
+        trained, norm = privatize(trained, start, config.dp, seed)
+        metrics["update_norm"] = norm
+    adapter = upload(storage, config, trained, start)
     return Message(RecordDict({"adapter": adapter, "metrics": metrics}), reply_to=message)
 
 

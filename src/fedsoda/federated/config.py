@@ -22,6 +22,7 @@ import tomli_w
 
 from fedsoda.align.settings import AlignSettings
 from fedsoda.data.scheme import PartitionScheme
+from fedsoda.dp_settings import DPSettings
 from fedsoda.federated.robust_settings import RobustSettings
 from fedsoda.methods.hier_settings import HierFedLoRASettings
 from fedsoda.methods.pruner_settings import FedPrunerSettings
@@ -73,6 +74,7 @@ class RunConfig:
     hierfedlora: HierFedLoRASettings = field(default_factory=HierFedLoRASettings)
     wire: WireSettings = field(default_factory=WireSettings)  # LoRA's encoding, both ways
     robust: RobustSettings = field(default_factory=RobustSettings)  # aggregation rule, norm bound
+    dp: DPSettings = field(default_factory=DPSettings)  # clipping and noise of client updates
 
     def __post_init__(self) -> None:
         # Deferred: fedsoda.methods loads torch, and `fedsoda --help` reads this module's fields.
@@ -103,6 +105,10 @@ class RunConfig:
                              f"be \"layer\", got {self.fedpruner.granularity!r}")
         if self.method == "hierfedlora":
             self._check_hierfedlora()
+        if self.dp.enabled and self.method in ("fedpruner", "fedpruner_plus"):
+            raise ValueError("dp privatizes LoRA updates only; FedPruner's clients also reply "
+                             "with similarity matrices of their data every round. Turn dp off "
+                             "(dp.clip = 0) or use another method")
         from fedsoda.methods.assignment import capacities
 
         capacities(self.client_layers, self.clients, num_layers=10**6)  # format and count
@@ -130,7 +136,7 @@ class RunConfig:
 KINDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 TABLES = {"prune": PruneSettings, "align": AlignSettings,  # [prune], [align], [fedpruner], ...
           "fedpruner": FedPrunerSettings, "hierfedlora": HierFedLoRASettings,
-          "wire": WireSettings, "robust": RobustSettings}
+          "wire": WireSettings, "robust": RobustSettings, "dp": DPSettings}
 
 
 def field_types(cls) -> dict[str, type]:

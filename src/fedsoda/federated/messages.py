@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
+from fedsoda.dp_settings import DPSettings
 from fedsoda.methods.assignment import Assignment
 from fedsoda.surgery.lora import LoraSpec
 from fedsoda.wire import Encoded, WireError, WireSettings, decode_tensor, encode
@@ -118,6 +119,14 @@ def _wire(record, what: str) -> WireSettings:
         raise MessageError(f"{what}: {error}") from None
 
 
+def _dp(record, what: str) -> DPSettings:
+    try:
+        return DPSettings(clip=_field(record, "dp.clip", float, what),
+                          noise=_field(record, "dp.noise", float, what))
+    except ValueError as error:
+        raise MessageError(f"{what}: {error}") from None
+
+
 def _files(record, what: str) -> tuple[tuple[str, str], ...]:
     names = [checked(n, FILE_NAME, "file name") for n in _field(record, "file_names", list, what)]
     hashes = [checked(h, SHA256, "file hash") for h in _field(record, "file_hashes", list, what)]
@@ -181,6 +190,7 @@ class TrainConfig:
     activation_cache: bool = True
     step: int = 0  # the intra-group round within the global round (HierFedLoRA), else 0
     wire: WireSettings = WireSettings()  # how LoRA travels both ways (fedsoda.wire)
+    dp: DPSettings = DPSettings()  # clipping and noise of the update (fedsoda.federated.dp)
 
     @property
     def model_hash(self) -> str:
@@ -201,7 +211,8 @@ class TrainConfig:
             "trainable": list(a.trainable),
             "frozen_lora": list(a.frozen_lora), "blocks": list(a.blocks), "kind": a.kind,
             "quantization": a.quantization, "local_steps": a.local_steps,
-            "batch_size": a.batch_size, "lr": float(a.lr), "mu": float(a.mu)})
+            "batch_size": a.batch_size, "lr": float(a.lr), "mu": float(a.mu),
+            "dp.clip": float(self.dp.clip), "dp.noise": float(self.dp.noise)})
 
     @classmethod
     def from_record(cls, record) -> TrainConfig:
@@ -227,7 +238,7 @@ class TrainConfig:
         return cls(run=checked(get("run", str), KEY, "run key"), round=get("round", int),
                    assignment=assignment, data=DataSpec.from_record(record), lora=_lora(record, what),
                    activation_cache=get("activation_cache", bool), step=get("step", int),
-                   wire=_wire(record, what))
+                   wire=_wire(record, what), dp=_dp(record, what))
 
 
 def to_record(state: dict[str, torch.Tensor]) -> ArrayRecord:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import ArrayRecord
 
+from fedsoda.federated.dp import epsilon
 from fedsoda.federated.messages import blobs_record, record_bytes, record_params, to_record
 from fedsoda.methods.fedpruner import selection_counts
 
@@ -216,6 +217,12 @@ def write_summary(cfg, out: Path, method, server, state, task, rows, wall_second
         "wall_seconds": wall_seconds,  # this process's: a resumed run's counts from the resume
         "round_seconds_total": sum(m["seconds"] for m in metrics),  # every round, resumed or not
     }
+    if cfg.dp.enabled:  # what the most-sampled client spent, against the server
+        most = max(state.releases.values(), default=0)
+        summary["dp"] = {"clip": cfg.dp.clip, "noise": cfg.dp.noise, "delta": cfg.dp.delta,
+                         "max_releases": most,
+                         # None without noise: clipping alone guarantees nothing
+                         "epsilon": epsilon(cfg.dp, most) if cfg.dp.noise else None}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_curve(metrics, out / "curve.png", f"{cfg.method} on {cfg.task}, {cfg.clients} clients")
     if (out / "fidelity.json").exists():  # offsite methods probe their gradient fidelity

@@ -128,7 +128,8 @@ def train_message(session: Session, state: ServerState, pid: int, assignment: As
     cfg = session.cfg
     config = TrainConfig(run=run_key(cfg), round=state.round + 1, assignment=assignment,
                          data=data_spec(cfg), lora=session.server.lora,
-                         activation_cache=cfg.activation_cache, step=step, wire=cfg.wire)
+                         activation_cache=cfg.activation_cache, step=step, wire=cfg.wire,
+                         dp=cfg.dp)
     adapter = adapter_download(session, state, assignment, scope, base, step)
     content = RecordDict({"adapter": adapter, "config": config.to_record()})
     round_log.down(adapter)
@@ -168,6 +169,8 @@ def train_round(session: Session, state: ServerState, assignments: dict[int, Ass
         answered.add(pid)
         if "adapter" in reply.content and isinstance(reply.content["adapter"], ArrayRecord):
             round_log.up(reply.content["adapter"])  # what arrived counts, accepted or not
+            # Each update a client sent spends privacy, accepted or not (fedsoda.federated.dp).
+            state.releases[str(pid)] = state.releases.get(str(pid), 0) + 1
         expected = expected_update(bases.get(pid, state.adapter), assignments[pid].trainable,
                                    assignments[pid])
         result = screen_reply(reply.content, pid, expected, session.clients.declared[pid],
