@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import re
+import shutil
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -247,9 +248,27 @@ def to_record(state: dict[str, torch.Tensor]) -> ArrayRecord:
                                    for k, v in state.items()))
 
 
+def ndarray(array, key: str, dtype: str) -> np.ndarray:
+    """The values of a received array, if it is what Flower serializes a numpy array of
+    ``dtype`` as and its bytes hold the shape it declares; else a MessageError."""
+    if not isinstance(array, Array) or array.stype != "numpy.ndarray" or array.dtype != dtype:
+        raise MessageError(f"{str(key)[:80]}: a {getattr(array, 'dtype', '?')!s:.20} array "
+                           f"({getattr(array, 'stype', '?')!s:.30}), expected numpy {dtype}")
+    try:
+        values = array.numpy()
+    except Exception as error:  # noqa: BLE001 - whatever np.load makes of foreign bytes
+        raise MessageError(f"{str(key)[:80]}: undecodable array ({type(error).__name__})") from None
+    if values.dtype != np.dtype(dtype) or tuple(values.shape) != tuple(array.shape):
+        raise MessageError(f"{str(key)[:80]}: its bytes hold {values.dtype} {values.shape}, not "
+                           f"the {dtype} {tuple(array.shape)} it declares")
+    return values
+
+
 def from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    """``ArrayRecord`` -> tensors. Conversion goes through numpy so it works in any process."""
-    return {key: torch.from_numpy(np.array(array.numpy(), copy=True)) for key, array in record.items()}
+    """``ArrayRecord`` of float32 arrays -> tensors (a MessageError for anything else).
+    Conversion goes through numpy so it works in any process."""
+    return {key: torch.from_numpy(np.array(ndarray(array, key, "float32"), copy=True))
+            for key, array in record.items()}
 
 
 def wire_record(encoded: Encoded, settings: WireSettings, keys=None) -> ArrayRecord:
@@ -310,7 +329,7 @@ def read_blobs(record: ArrayRecord) -> dict[str, bytes]:
     blobs = {}
     for digest, array in record.items():
         checked(digest, SHA256, "file hash")
-        data = array.numpy().tobytes()
+        data = ndarray(array, digest, "uint8").tobytes()
         if file_hash(data) != digest:
             raise MessageError(f"file {digest[:12]}...: content does not match its hash")
         blobs[digest] = data
@@ -326,17 +345,16 @@ def files_record(folder: Path | str) -> ArrayRecord:
 
 
 def write_files(record: ArrayRecord, folder: Path | str) -> Path:
-    """Write a files record into ``folder`` atomically (a partial folder is never used)."""
+    """Write a files record into ``folder`` atomically (a partial folder is never used);
+    every name and array is checked before anything is written."""
     folder = Path(folder)
+    files = {checked(name, FILE_NAME, "file name"): ndarray(array, name, "uint8").tobytes()
+             for name, array in record.items()}  # no path parts, no hidden files
     partial = folder.with_name(folder.name + ".partial")
     partial.mkdir(parents=True, exist_ok=True)
-    for name, array in record.items():
-        if "/" in name or name.startswith("."):
-            raise ValueError(f"refusing to write file {name!r} outside the model folder")
-        (partial / name).write_bytes(array.numpy().tobytes())
+    for name, data in files.items():
+        (partial / name).write_bytes(data)
     if folder.exists():
-        import shutil
-
         shutil.rmtree(folder)
     partial.rename(folder)
     return folder

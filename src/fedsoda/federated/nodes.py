@@ -8,11 +8,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flwr.app import Message, RecordDict
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from fedsoda.federated.config import RunConfig
-from fedsoda.federated.messages import DataSpec, blobs_record, record_bytes
+from fedsoda.federated.messages import DataSpec, MessageError, blobs_record, record_bytes
 from fedsoda.methods.assignment import Assignment
 
 
@@ -55,19 +55,24 @@ def handshake(grid: Grid, nodes: list[int], cfg: RunConfig, hashes: list[str]) -
                                     timeout=deadline(cfg))
     clients = Clients()
     for reply in replies:
+        node = reply.metadata.src_node_id
         if reply.has_error():
-            raise RuntimeError(f"client {reply.metadata.src_node_id} failed the handshake: "
-                               f"{reply.error.reason}")
-        metrics = reply.content["metrics"]
-        pid, count = int(metrics["partition_id"]), int(metrics["num_examples"])
+            raise RuntimeError(f"client {node} failed the handshake: {reply.error.reason}")
+        try:
+            pid, count, labels = read_hello(reply.content, cfg.clients, cfg.max_examples)
+        except MessageError as error:
+            raise RuntimeError(f"node {node} answered the handshake with {error}; it must run "
+                               "this version of fedsoda") from None
         if pid in clients.node_of:
-            raise RuntimeError(f"nodes {clients.node_of[pid]} and {reply.metadata.src_node_id} both "
+            raise RuntimeError(f"nodes {clients.node_of[pid]} and {node} both "
                                f"claim partition-id {pid}; every SuperNode needs a distinct "
                                f"partition-id in 0..{cfg.clients - 1}")
-        clients.node_of[pid] = reply.metadata.src_node_id
-        clients.declared[pid] = min(count, cfg.max_examples) if cfg.max_examples else count
-        clients.held[pid] = set(hashes) & set(reply.content["config"]["held"])
-        clients.labels[pid] = declared_labels(reply.content["config"], count, pid)
+        clients.node_of[pid] = node
+        clients.declared[pid] = count
+        held = reply.content["config"]["held"] if "held" in reply.content["config"] else []
+        clients.held[pid] = set(hashes) & {h for h in held if isinstance(h, str)} \
+            if isinstance(held, list) else set()
+        clients.labels[pid] = labels
     missing = sorted(set(range(cfg.clients)) - set(clients.node_of))
     if missing:
         raise RuntimeError(f"no node serves client ids {missing[:5]}; every SuperNode needs a "
@@ -75,18 +80,30 @@ def handshake(grid: Grid, nodes: list[int], cfg: RunConfig, hashes: list[str]) -
     return clients
 
 
-def declared_labels(config, count: int, pid: int) -> dict[int, int]:
-    """A hello reply's label histogram, checked: one count >= 0 per distinct label, summing
-    to the examples the client declared."""
-    keys = list(config["label_keys"]) if "label_keys" in config else []
-    counts = list(config["label_counts"]) if "label_counts" in config else []
-    plain = all(isinstance(v, int) and not isinstance(v, bool) for v in keys + counts)
-    if not plain or len(keys) != len(counts) or len(set(keys)) != len(keys) \
-            or any(c < 0 for c in counts) or sum(counts) != count:
-        raise RuntimeError(f"client {pid} declared a malformed label histogram (keys {keys[:5]}, "
-                           f"counts {counts[:5]} for {count} examples); it must run this "
-                           "version of fedsoda")
-    return dict(zip(keys, counts, strict=True))
+def _plain_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def read_hello(content, clients: int, max_examples: int) -> tuple[int, int, dict[int, int]]:
+    """A hello reply's partition id, declared example count (capped at ``max_examples`` when
+    set) and label histogram (one count >= 0 per distinct label, summing to the examples);
+    a MessageError says what is malformed."""
+    metrics, config = (content[k] if k in content else None for k in ("metrics", "config"))
+    if not isinstance(metrics, MetricRecord) or not isinstance(config, ConfigRecord):
+        raise MessageError("a hello reply without its metrics and config records")
+    pid, count = (metrics[k] if k in metrics else None for k in ("partition_id", "num_examples"))
+    if not (_plain_int(pid) and 0 <= pid < clients) or not (_plain_int(count) and count >= 0):
+        raise MessageError(f"partition-id {pid!r} (0..{clients - 1}) and example count "
+                           f"{count!r} must be whole numbers")
+    keys = config["label_keys"] if "label_keys" in config else []
+    counts = config["label_counts"] if "label_counts" in config else []
+    if not (isinstance(keys, list) and isinstance(counts, list)) \
+            or not all(_plain_int(v) for v in keys + counts) or len(keys) != len(counts) \
+            or len(set(keys)) != len(keys) or any(c < 0 for c in counts) or sum(counts) != count:
+        raise MessageError(f"a malformed label histogram (keys {str(keys)[:40]}, counts "
+                           f"{str(counts)[:40]} for {count} examples)")
+    return pid, min(count, max_examples) if max_examples else count, dict(zip(keys, counts,
+                                                                              strict=True))
 
 
 def deliver(grid: Grid, clients: Clients, assignments: dict[int, Assignment],
