@@ -12,7 +12,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedsoda.federated.checkpoint import ServerState
 from fedsoda.federated.config import RunConfig
 from fedsoda.federated.messages import to_record
-from fedsoda.federated.nodes import Clients, handshake
+from fedsoda.federated.nodes import Clients, admit_late_nodes, handshake
 from fedsoda.federated.report import RoundLog
 from fedsoda.federated.server_app import QuorumError, Session, deliver_to, train_round
 from fedsoda.methods.assignment import Assignment
@@ -115,3 +115,51 @@ def test_two_nodes_claiming_one_partition_are_refused():
 
     with pytest.raises(RuntimeError, match="nodes 1 and 2 both claim partition-id 0"):
         handshake(Grid(hello), [1, 2, 3], RunConfig(clients=2, clients_per_round=2), [])
+
+
+def hello_as(partition: dict[int, int]):
+    """Hello replies: node -> the partition id it claims, 4 examples of label 0 each."""
+    def hello(node, m):
+        return RecordDict({"metrics": MetricRecord({"partition_id": partition[node],
+                                                    "num_examples": 4}),
+                           "config": ConfigRecord({"held": [], "label_keys": [0],
+                                                   "label_counts": [4]})})
+    return hello
+
+
+def test_min_nodes_starts_with_some_clients_and_admits_late_ones_at_a_round():
+    partition = {100: 0, 101: 1, 102: 2, 103: 1}
+    grid = Grid(hello_as(partition))
+    cfg = RunConfig(clients=4, clients_per_round=4, min_nodes=2)
+    with pytest.raises(RuntimeError, match=r"no node serves client ids \[2, 3\]"):
+        handshake(grid, [100, 101], RunConfig(clients=4, clients_per_round=4), [])
+    clients = handshake(grid, [100, 101], cfg, [])
+    assert clients.node_of == {0: 100, 1: 101}
+    grid.get_node_ids = lambda: [100, 101]
+    assert admit_late_nodes(grid, cfg, clients, []) == []
+    # Node 102 serves client 2; node 103 claims client 1, which node 101 serves: refused once.
+    grid.get_node_ids = lambda: [100, 101, 102, 103]
+    assert admit_late_nodes(grid, cfg, clients, []) == [2]
+    assert clients.node_of == {0: 100, 1: 101, 2: 102} and clients.declared[2] == 4
+    assert "nodes 101 and 103 both claim partition-id 1" in clients.refused[103]
+    asked = len(grid.timeouts)
+    assert admit_late_nodes(grid, cfg, clients, []) == [] and len(grid.timeouts) == asked
+    # Without min_nodes the run never looks for late nodes.
+    assert admit_late_nodes(grid, RunConfig(clients=4, clients_per_round=4), Clients(), []) == []
+
+
+def test_a_sampled_client_not_connected_yet_sits_the_round_out():
+    run, log = session(Grid(lambda node, m: RecordDict({"metrics": MetricRecord({"ok": 1})}))), \
+        RoundLog(1)
+    del run.clients.node_of[3]
+    left = deliver_to(run, assignments(), log)
+    assert sorted(left) == [0, 1, 2]
+    assert log.rejected == [{"client": 3, "reason": "not connected (yet): it joins when its "
+                                                    "node connects (min_nodes)"}]
+
+
+def test_min_nodes_settings_are_checked_before_anything_starts():
+    with pytest.raises(ValueError, match=r"min_nodes must be in 0..clients \(4; 0: all\)"):
+        RunConfig(clients=4, clients_per_round=4, min_nodes=5)
+    with pytest.raises(ValueError, match="hierfedlora groups every client"):
+        RunConfig(method="hierfedlora", clients=4, clients_per_round=4, min_nodes=2)

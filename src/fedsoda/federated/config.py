@@ -68,6 +68,9 @@ class RunConfig:
     # under quorum stops the run with the last checkpoint intact.
     round_timeout: float = 0.0
     min_replies: int = 1
+    # Nodes the run starts with (0: every client's); the others may connect later and join
+    # at the next round's start. A sampled client not connected yet sits that round out.
+    min_nodes: int = 0
     prune: PruneSettings = field(default_factory=PruneSettings)
     align: AlignSettings = field(default_factory=AlignSettings)
     fedpruner: FedPrunerSettings = field(default_factory=FedPrunerSettings)
@@ -95,6 +98,9 @@ class RunConfig:
         if self.round_timeout < 0 or self.min_replies < 1:
             raise ValueError(f"round_timeout must be >= 0 (0: none) and min_replies >= 1, got "
                              f"{self.round_timeout} and {self.min_replies}")
+        if not 0 <= self.min_nodes <= self.clients:
+            raise ValueError(f"min_nodes must be in 0..clients ({self.clients}; 0: all), got "
+                             f"{self.min_nodes}")
         if min(self.realign_every, self.eval_every, self.eval_limit, self.max_examples) < 0:
             raise ValueError("realign_every, eval_every, eval_limit and max_examples must be >= 0")
         if self.client_layers and self.method != "fedra":
@@ -118,6 +124,9 @@ class RunConfig:
         if self.clients_per_round != self.clients:
             raise ValueError(f"hierfedlora: every device takes part in every global round; "
                              f"set clients_per_round = clients ({self.clients})")
+        if self.min_nodes not in (0, self.clients):
+            raise ValueError("hierfedlora groups every client by its label mix before round 1; "
+                             "set min_nodes = 0 (wait for all clients)")
         if self.hierfedlora.groups > self.clients:
             raise ValueError(f"hierfedlora.groups ({self.hierfedlora.groups}) cannot exceed "
                              f"clients ({self.clients})")

@@ -43,38 +43,68 @@ class Clients:
     declared: dict[int, int] = field(default_factory=dict)  # client id -> examples it holds
     held: dict[int, set[str]] = field(default_factory=dict)  # client id -> file hashes held
     labels: dict[int, dict[int, int]] = field(default_factory=dict)  # client id -> label -> examples
+    refused: dict[int, str] = field(default_factory=dict)  # node id -> why it was not admitted
 
 
-def handshake(grid: Grid, nodes: list[int], cfg: RunConfig, hashes: list[str]) -> Clients:
-    """Ask every node which client it is, how many examples it holds (``cfg.max_examples``
-    caps what is believed) and which of the run's files it already has."""
+def join(grid: Grid, nodes: list[int], cfg: RunConfig, hashes: list[str],
+         clients: Clients) -> dict[int, str]:
+    """Ask each of ``nodes`` which client it is, how many examples it holds (``cfg.max_examples``
+    caps what is believed) and which of the run's files it already has; add the sound
+    answers to ``clients``. Returns the nodes refused, each with a one-line reason."""
     config = data_spec(cfg).to_record()
     config["hashes"] = sorted(hashes)
     replies = grid.send_and_receive([Message(RecordDict({"config": config}), dst_node_id=n,
                                              message_type="query.hello") for n in nodes],
                                     timeout=deadline(cfg))
-    clients = Clients()
+    refused, heard = {}, set()
     for reply in replies:
         node = reply.metadata.src_node_id
+        heard.add(node)
         if reply.has_error():
-            raise RuntimeError(f"client {node} failed the handshake: {reply.error.reason}")
+            refused[node] = f"client {node} failed the handshake: {reply.error.reason}"
+            continue
         try:
             pid, count, labels = read_hello(reply.content, cfg.clients, cfg.max_examples)
         except MessageError as error:
-            raise RuntimeError(f"node {node} answered the handshake with {error}; it must run "
-                               "this version of fedsoda") from None
+            refused[node] = (f"node {node} answered the handshake with {error}; it must run "
+                             "this version of fedsoda")
+            continue
         if pid in clients.node_of:
-            raise RuntimeError(f"nodes {clients.node_of[pid]} and {node} both "
-                               f"claim partition-id {pid}; every SuperNode needs a distinct "
-                               f"partition-id in 0..{cfg.clients - 1}")
-        clients.node_of[pid] = node
-        clients.declared[pid] = count
+            refused[node] = (f"nodes {clients.node_of[pid]} and {node} both claim partition-id "
+                             f"{pid}; every SuperNode needs a distinct partition-id in "
+                             f"0..{cfg.clients - 1}")
+            continue
         held = reply.content["config"]["held"] if "held" in reply.content["config"] else []
+        clients.node_of[pid], clients.declared[pid], clients.labels[pid] = node, count, labels
         clients.held[pid] = set(hashes) & {h for h in held if isinstance(h, str)} \
             if isinstance(held, list) else set()
-        clients.labels[pid] = labels
+    for node in sorted(set(nodes) - heard):
+        refused[node] = f"node {node} did not answer the handshake by the deadline"
+    return refused
+
+
+def admit_late_nodes(grid: Grid, cfg: RunConfig, clients: Clients, hashes: list[str]) -> list[int]:
+    """With ``min_nodes``: handshake the nodes that connected since the last look (a node
+    refused once is not asked again; its reason stays in ``clients.refused``). Returns the
+    client ids admitted."""
+    known = set(clients.node_of.values()) | set(clients.refused)
+    new = sorted(set(grid.get_node_ids()) - known)
+    if not cfg.min_nodes or not new:
+        return []
+    before = set(clients.node_of)
+    clients.refused.update(join(grid, new, cfg, hashes, clients))
+    return sorted(set(clients.node_of) - before)
+
+
+def handshake(grid: Grid, nodes: list[int], cfg: RunConfig, hashes: list[str]) -> Clients:
+    """The clients the run starts with: every client id served (or, with ``min_nodes``, at
+    least that many); any refused node stops the run with its reason."""
+    clients = Clients()
+    refused = join(grid, nodes, cfg, hashes, clients)
+    if refused:
+        raise RuntimeError(next(iter(refused.values())))
     missing = sorted(set(range(cfg.clients)) - set(clients.node_of))
-    if missing:
+    if missing and len(clients.node_of) < (cfg.min_nodes or cfg.clients):
         raise RuntimeError(f"no node serves client ids {missing[:5]}; every SuperNode needs a "
                            f"distinct partition-id in 0..{cfg.clients - 1}")
     return clients

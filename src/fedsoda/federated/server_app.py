@@ -29,7 +29,15 @@ from fedsoda.evaluate.tasks import evaluation_rows
 from fedsoda.federated.checkpoint import ServerState, load_checkpoint, save_checkpoint
 from fedsoda.federated.config import RunConfig, config_from_flat, with_method_schedule
 from fedsoda.federated.messages import ProbeConfig, TrainConfig, lora_record, to_record, wire_record
-from fedsoda.federated.nodes import Clients, data_spec, deadline, deliver, handshake, wait_for_nodes
+from fedsoda.federated.nodes import (
+    Clients,
+    admit_late_nodes,
+    data_spec,
+    deadline,
+    deliver,
+    handshake,
+    wait_for_nodes,
+)
 from fedsoda.federated.report import RoundLog, RunProgress, write_summary
 from fedsoda.federated.robust import aggregate, bound_replies
 from fedsoda.federated.screening import Reply, expected_update, screen_probe, screen_reply
@@ -92,6 +100,9 @@ def broadcast(session: Session, state: ServerState, scope: str, base: dict,
 def deliver_to(session: Session, assignments: dict, round_log: RoundLog) -> dict:
     """Deliver the files ``assignments`` need (counted as one-time bytes); returns the
     assignments of the clients that got them, the others logged as rejected for the round."""
+    for pid in sorted(set(assignments) - set(session.clients.node_of)):
+        round_log.reject(pid, "not connected (yet): it joins when its node connects (min_nodes)")
+    assignments = {pid: a for pid, a in assignments.items() if pid in session.clients.node_of}
     sent, failed = deliver(session.grid, session.clients, assignments, session.paths,
                            deadline(session.cfg))
     session.submodel_bytes += sent
@@ -241,6 +252,16 @@ def probe_round(session: Session, state: ServerState, request: ProbeRequest, sam
     return sorted(accepted, key=lambda r: r[0])
 
 
+def admit_nodes(session: Session) -> None:
+    """``min_nodes`` runs: nodes that connected since the last round join now (and
+    ``clients.json`` is rewritten); a refused node is logged once and not asked again."""
+    clients, refused = session.clients, set(session.clients.refused)
+    if admit_late_nodes(session.grid, session.cfg, clients, list(session.paths)):
+        write_clients(Path(session.cfg.out), clients)
+    for node in sorted(set(clients.refused) - refused):
+        log.warning("node %d not admitted: %s", node, clients.refused[node])
+
+
 def sample_clients(cfg: RunConfig, round_number: int) -> list[int]:
     """The clients of a round (``fedsoda data partition --rounds`` lists the same draw)."""
     return sample_round(cfg.seed, cfg.clients, cfg.clients_per_round, round_number)
@@ -255,6 +276,7 @@ def play_round(session: Session, state: ServerState) -> tuple[RoundLog, dict]:
 
         return play_group_round(session, state)
     began = time.perf_counter()
+    admit_nodes(session)
     sampled = sample_clients(cfg, state.round + 1)
     round_log = RoundLog(state.round + 1)
     request = method.probe_request(server, cfg, state) if hasattr(method, "probe_request") else None
@@ -277,6 +299,14 @@ def play_round(session: Session, state: ServerState) -> tuple[RoundLog, dict]:
     return round_log, entry
 
 
+def write_clients(out: Path, clients: Clients) -> None:
+    """``clients.json``: what each client declared of its own data at its handshake (the
+    server never reads clients' data) and how many of the run's files it already held."""
+    (out / "clients.json").write_text(json.dumps(
+        {str(pid): {"examples": clients.declared[pid], "files_held": len(clients.held[pid])}
+         for pid in sorted(clients.node_of)}, indent=1) + "\n")
+
+
 def start(grid: Grid, cfg: RunConfig, resume: bool) -> tuple[Session, ServerState]:
     """Prepare the method's server side and the state (fresh or resumed), then handshake."""
     out = Path(cfg.out)
@@ -290,13 +320,10 @@ def start(grid: Grid, cfg: RunConfig, resume: bool) -> tuple[Session, ServerStat
         state = ServerState(adapter=adapter, emulator=emulator, emulator_version=0)
     method.load_state(server, state)
     paths = {digest: path for digest, path in server.files.values()}
-    clients = handshake(grid, wait_for_nodes(grid, cfg.clients), cfg, list(paths))
+    clients = handshake(grid, wait_for_nodes(grid, cfg.min_nodes or cfg.clients), cfg, list(paths))
     if hasattr(method, "meet_clients"):  # what a method needs of the handshake (label mixes)
         method.meet_clients(server, cfg, state, clients.declared, clients.labels)
-    # What each client declared of its own data (the server never reads clients' data).
-    (out / "clients.json").write_text(json.dumps(
-        {str(pid): {"examples": clients.declared[pid], "files_held": len(clients.held[pid])}
-         for pid in sorted(clients.node_of)}, indent=1) + "\n")
+    write_clients(out, clients)
     task = get_task(cfg.task)
     session = Session(grid=grid, cfg=cfg, method=method, server=server, clients=clients,
                       paths=paths, task=task,
