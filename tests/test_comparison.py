@@ -158,3 +158,15 @@ def test_a_wire_format_is_a_row_of_its_own_after_its_methods_fp32_row(tmp_path):
     assert [r["method"] for r in rows] == ["fedsoda", "fedsoda @ int8 EF none", "fedsoda @ nf4"]
     table = markdown_table(rows, runs)
     assert "| FedSODA (nf4) | ✓ | ✓ | ✓ | 80.0 ± 0.0 |" in table and "| 1.5 KiB |" in table
+
+
+def test_tracking_flattens_every_number_of_a_round():
+    from fedsoda.federated.tracking import scalars
+
+    entry = {"accuracy": 0.8, "realigned": True, "rejected": [{"client": 1}, {"client": 2}],
+             "option_shares": {"negative": 0.4, "positive": 0.6}, "wire": "nf4",
+             "fidelity": {"cosine": 0.5, "layers": {"27": {"cosine": 0.1}}, "emulator_error": None},
+             "auc": float("nan")}
+    assert scalars(entry) == {"accuracy": 0.8, "realigned": 1.0, "rejected/count": 2.0,
+                              "option_shares/negative": 0.4, "option_shares/positive": 0.6,
+                              "fidelity/cosine": 0.5, "fidelity/layers/27/cosine": 0.1}

@@ -13,6 +13,7 @@ from flwr.clientapp import ClientApp
 from peft import PeftModel
 from ray import cloudpickle
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM
 
 from fedsoda.align.oda import AlignSettings
@@ -21,6 +22,7 @@ from fedsoda.federated import server_app
 from fedsoda.federated.config import RunConfig
 from fedsoda.federated.messages import from_record, to_record
 from fedsoda.federated.simulation import simulate
+from fedsoda.federated.tracking import scalars
 from fedsoda.surgery.plan import PruneSettings
 
 # Ray workers cannot import this test module; ship its functions by value.
@@ -68,6 +70,16 @@ def test_two_rounds_write_a_complete_run_folder(tiny_model_dir, shared_data, tmp
     assert list(fidelity) == ["0", "1", "2"]
     assert [fidelity[str(r["round"])] for r in rounds] == [r["fidelity"] for r in rounds]
     assert all(-1 <= f["cosine"] <= 1 and f["examples"] == 4 * 8 for f in fidelity.values())
+    # TensorBoard's event files hold every number of metrics.jsonl, read back by its reader.
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    for entry in rounds:
+        for tag, value in scalars({k: v for k, v in entry.items() if k != "round"}).items():
+            logged = {e.step: e.value for e in events.Scalars(f"round/{tag}")}
+            assert logged[entry["round"]] == pytest.approx(value, rel=1e-6), tag
+    assert "round/fidelity/cosine" in events.Tags()["scalars"]
+    assert "round/rejected/count" in events.Tags()["scalars"]
+    assert events.Scalars("summary/trainable_params")[0].value == summary["trainable_params"]
     # Bytes equal the serialized sizes of the tensors: adapter LoRA down and up for each client;
     # in round 2 the emulator LoRA (new after the realignment) goes down too.
     adapter = load_file(str(out / "checkpoint" / "adapter.safetensors"))

@@ -71,6 +71,8 @@ class RunConfig:
     # Nodes the run starts with (0: every client's); the others may connect later and join
     # at the next round's start. A sampled client not connected yet sits that round out.
     min_nodes: int = 0
+    # Every round's figures as TensorBoard event files in RUN/tensorboard (fedsoda.federated.tracking).
+    tensorboard: bool = True
     prune: PruneSettings = field(default_factory=PruneSettings)
     align: AlignSettings = field(default_factory=AlignSettings)
     fedpruner: FedPrunerSettings = field(default_factory=FedPrunerSettings)

@@ -41,6 +41,7 @@ from fedsoda.federated.nodes import (
 from fedsoda.federated.report import RoundLog, RunProgress, write_summary
 from fedsoda.federated.robust import aggregate, bound_replies
 from fedsoda.federated.screening import Reply, expected_update, screen_probe, screen_reply
+from fedsoda.federated.tracking import Tracker
 from fedsoda.methods import get_method
 from fedsoda.methods.assignment import Assignment, ProbeRequest
 from fedsoda.wire import Encoded, encode
@@ -340,6 +341,7 @@ def run_server(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict:
     out = Path(cfg.out)
     session, state = start(grid, cfg, resume)
     sent = sum(m["bytes_down"] + m["bytes_up"] for m in state.metrics)
+    tracker = Tracker(out, cfg.tensorboard)
     with RunProgress(cfg.method, cfg.rounds, state.round, sent) as progress:
         while state.round < cfg.rounds:
             round_log, entry = play_round(session, state)
@@ -351,8 +353,12 @@ def run_server(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict:
             tmp = out / "metrics.jsonl.tmp"
             tmp.write_text("".join(json.dumps(m) + "\n" for m in state.metrics))
             tmp.replace(out / "metrics.jsonl")
-    return write_summary(cfg, out, session.method, session.server, state, session.task,
-                         session.rows, time.perf_counter() - began)
+            tracker.round(entry)
+    summary = write_summary(cfg, out, session.method, session.server, state, session.task,
+                            session.rows, time.perf_counter() - began)
+    tracker.summary(summary, (out / "config.toml").read_text())
+    tracker.close()
+    return summary
 
 
 app = ServerApp()
