@@ -42,21 +42,25 @@ from fedsoda.surgery.plugback import plug_adapter
 from fedsoda.training import configure_threads, local_train
 
 # name -> (recipe whose plan and emulator LoRA it uses, PruneSettings, AlignSettings (None: no
-# alignment at all), LoRA rank). The default is FedSODA's quickstart.
+# alignment at all), LoRA rank, client lr (None: --lr)). The default is FedSODA's quickstart.
 VARIANTS = {
-    "unaligned": ("fedsoda", {}, None, 8),
-    "default": ("fedsoda", {}, {}, 8),
-    "uniform": ("fedsoda_uniform", {}, {}, 8),
-    "epochs4": ("fedsoda", {}, {"epochs": 4}, 8),
-    "emulator_all": ("fedsoda_all", {}, {}, 8),
-    "mse_paper": ("fedsoda", {}, {"rep_loss": "mse", "alpha": 1e-4, "beta": 1.0}, 8),
-    "adapter6": ("fedsoda", {"adapter_layers": 6}, {}, 8),
-    "rank32": ("fedsoda", {}, {}, 32),
-    "prune_half": ("fedsoda", {"p": 2}, {}, 8),
-    "epochs16": ("fedsoda", {}, {"epochs": 16}, 8),
+    "unaligned": ("fedsoda", {}, None, 8, None),
+    "default": ("fedsoda", {}, {}, 8, None),
+    "uniform": ("fedsoda_uniform", {}, {}, 8, None),
+    "epochs4": ("fedsoda", {}, {"epochs": 4}, 8, None),
+    "emulator_all": ("fedsoda_all", {}, {}, 8, None),
+    "mse_paper": ("fedsoda", {}, {"rep_loss": "mse", "alpha": 1e-4, "beta": 1.0}, 8, None),
+    "adapter6": ("fedsoda", {"adapter_layers": 6}, {}, 8, None),
+    "rank32": ("fedsoda", {}, {}, 32, None),
+    "prune_half": ("fedsoda", {"p": 2}, {}, 8, None),
+    "epochs16": ("fedsoda", {}, {"epochs": 16}, 8, None),
+    "default_lr1e-3": ("fedsoda", {}, {}, 8, 1e-3),
+    "adapter6_lr1e-3": ("fedsoda", {"adapter_layers": 6}, {}, 8, 1e-3),
 }
-# The ceiling: the adapter trained on the full LLM itself (fidelity 1 by construction).
-ORACLE = "oracle"
+# The ceilings: the adapter trained on the full LLM itself (fidelity 1 by construction), with
+# the quickstart's adapter (3 layers) and lr, or the variant's: name -> (adapter layers, lr).
+ORACLES = {"oracle": (3, None), "oracle_lr1e-3": (3, 1e-3), "oracle_adapter6": (6, None),
+           "oracle_adapter6_lr1e-3": (6, 1e-3)}
 
 
 def recipe_of(name: str):
@@ -80,11 +84,11 @@ def scores(model, tokenizer, task, examples) -> dict:
             "auc": report["auc"]}
 
 
-def train_rounds(sub, plan, teacher, public, settings, train, args, pad) -> list[dict]:
+def train_rounds(sub, plan, teacher, public, settings, train, args, pad, lr) -> list[dict]:
     """The quickstart's client training, centralised; realigns as FedSODA does."""
     history = []
     for round_number in range(1, args.rounds + 1):
-        trained = local_train(sub.model, sub.adapter_layers, train, args.steps, 8, args.lr,
+        trained = local_train(sub.model, sub.adapter_layers, train, args.steps, 8, lr,
                               0.01, round_number, pad)
         load_lora_state(teacher, to_full(trained["state"], plan.kept_layers))
         entry = {"round": round_number, "loss": trained["loss"]}
@@ -98,26 +102,29 @@ def train_rounds(sub, plan, teacher, public, settings, train, args, pad) -> list
     return history
 
 
-def run_oracle(full, tokenizer, args, task, examples, train) -> dict:
+def run_oracle(name, full, tokenizer, args, task, examples, train) -> dict:
     """The adapter layers trained on the full LLM: what any client model could at best give."""
-    plan = recipe_plan(RECIPES["fedsoda"], args.model, full, tokenizer, PruneSettings(),
-                       args.data_dir)
+    layers, lr = ORACLES[name]
+    lr = lr or args.lr
+    plan = recipe_plan(RECIPES["fedsoda"], args.model, full, tokenizer,
+                       PruneSettings(adapter_layers=layers), args.data_dir)
     began = time.perf_counter()
     teacher = plug_adapter(copy.deepcopy(full), {}, plan)
     rounds = []
     for round_number in range(1, args.rounds + 1):
-        trained = local_train(teacher, plan.full_adapter_layers, train, args.steps, 8, args.lr,
+        trained = local_train(teacher, plan.full_adapter_layers, train, args.steps, 8, lr,
                               0.01, round_number, pad_id(tokenizer))
         rounds.append({"round": round_number, "loss": trained["loss"]})
-    return {"adapter_layers": plan.full_adapter_layers, "rounds": rounds,
+    return {"adapter_layers": plan.full_adapter_layers, "lr": lr, "rounds": rounds,
             "scores": scores(teacher, tokenizer, task, examples),
             "seconds": time.perf_counter() - began}
 
 
 def run_variant(name, full, tokenizer, args, task, examples, train, batches, caches, tmp) -> dict:
-    if name == ORACLE:
-        return run_oracle(full, tokenizer, args, task, examples, train)
-    recipe_name, prune_changes, align_changes, rank = VARIANTS[name]
+    if name in ORACLES:
+        return run_oracle(name, full, tokenizer, args, task, examples, train)
+    recipe_name, prune_changes, align_changes, rank, lr = VARIANTS[name]
+    lr = lr or args.lr
     recipe = recipe_of(recipe_name)
     settings = AlignSettings(**(align_changes or {}))
     plan = recipe_plan(recipe, args.model, full, tokenizer, PruneSettings(**prune_changes),
@@ -127,7 +134,7 @@ def run_variant(name, full, tokenizer, args, task, examples, train, batches, cac
                        seed=settings.seed, emulator_lora=recipe.emulator_lora)
     teacher = plug_adapter(copy.deepcopy(full), sub.adapter_lora(), plan, sub.spec)
     result: dict = {"plan": plan.kept_layers, "adapter_layers": plan.full_adapter_layers,
-                    "rank": rank, "align": align_changes}
+                    "rank": rank, "lr": lr, "align": align_changes}
     public = None
     if align_changes is not None:
         key = (tuple(plan.kept_layers), settings.samples, settings.seq_len)
@@ -140,12 +147,32 @@ def run_variant(name, full, tokenizer, args, task, examples, train, batches, cac
     result["fidelity_initial"] = gradient_fidelity(sub.model, sub.adapter_layers, teacher,
                                                    full_layers, batches)
     result["rounds"] = train_rounds(sub, plan, teacher, public, settings, train, args,
-                                    pad_id(tokenizer))
+                                    pad_id(tokenizer), lr)
     result["fidelity_trained"] = gradient_fidelity(sub.model, sub.adapter_layers, teacher,
                                                    full_layers, batches)
     result["scores"] = scores(teacher, tokenizer, task, examples)
     result["seconds"] = time.perf_counter() - began
     return result
+
+
+def table(results: dict) -> str:
+    """The README's table: one row per variant measured, zero-shot first."""
+    zero = results["zero_shot"]
+    lines = ["| variant | cosine, initial adapter | emulator error | cosine, trained | norm ratio, "
+             "trained | accuracy | best-threshold | AUC |", "|---|---|---|---|---|---|---|---|",
+             f"| zero-shot (no adapter) | | | | | {100 * zero['accuracy']:.1f} "
+             f"| {100 * zero['best_threshold_accuracy']:.1f} | {zero['auc']:.3f} |"]
+    for name, value in results.items():
+        if name in ("args", "zero_shot"):
+            continue
+        start, end = value.get("fidelity_initial"), value.get("fidelity_trained")
+        cells = ([f"{start['cosine']:.2f}", f"{start['emulator_error']:.2f}",
+                  f"{end['cosine']:.2f}", f"{end['norm_ratio']:.2f}"] if start
+                 else ["1 (the full LLM)", "0", "1", "1"])
+        score = value["scores"]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {100 * score['accuracy']:.1f} "
+                     f"| {100 * score['best_threshold_accuracy']:.1f} | {score['auc']:.3f} |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -157,12 +184,16 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--realign-every", type=int, default=5)
     parser.add_argument("--eval-limit", type=int, default=0)
-    parser.add_argument("--variants", default=",".join([ORACLE, *VARIANTS]))
+    parser.add_argument("--variants", default=",".join([*ORACLES, *VARIANTS]))
     parser.add_argument("--out", default="fidelity_sweep.json")
+    parser.add_argument("--table", action="store_true", help="print the table of --out, run nothing")
     args = parser.parse_args()
+    if args.table:
+        print(table(json.loads(Path(args.out).read_text())), end="")
+        return
     names = args.variants.split(",")
-    if unknown := sorted(set(names) - set(VARIANTS) - {ORACLE}):
-        parser.error(f"unknown variants {unknown}; choose from {ORACLE}, {', '.join(VARIANTS)}")
+    if unknown := sorted(set(names) - set(VARIANTS) - set(ORACLES)):
+        parser.error(f"unknown variants {unknown}; choose from {', '.join([*ORACLES, *VARIANTS])}")
     configure_threads()
     task = get_task("sst2")
     full, tokenizer = load(args.model)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -121,14 +122,33 @@ def relative_error(client: list[torch.Tensor], full: list[torch.Tensor],
     return math.sqrt(num / den) if den > 0 else math.nan
 
 
+@contextmanager
+def one_thread():
+    """Run on one intra-op thread, then restore: a reduction split over another number of
+    threads rounds differently, and the probe's figures go into metrics.jsonl, which must be
+    the same bit for bit however loaded the machine (and so ``client_threads``) was."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def gradient_fidelity(client: nn.Module, client_layers: list[int], full: nn.Module,
                       full_layers: list[int], batches: list[dict]) -> dict:
     """The figures of the module docstring. ``client_layers[i]`` of the client model is
     ``full_layers[i]`` of the full LLM; both must hold the same adapter LoRA."""
     if len(client_layers) != len(full_layers):
         raise ValueError(f"{len(client_layers)} client adapter layers against {len(full_layers)}")
-    ours = adapter_gradients(client, list(client_layers), batches)
-    theirs = adapter_gradients(full, list(full_layers), batches)
+    with one_thread():  # every sum below, the cosines' too
+        return _figures(client, list(client_layers), full, list(full_layers), batches)
+
+
+def _figures(client: nn.Module, client_layers: list[int], full: nn.Module,
+             full_layers: list[int], batches: list[dict]) -> dict:
+    ours = adapter_gradients(client, client_layers, batches)
+    theirs = adapter_gradients(full, full_layers, batches)
     mapped = rename_layers(ours["grads"], dict(zip(client_layers, full_layers, strict=True)))
     if set(mapped) != set(theirs["grads"]):
         raise ValueError("the client model's adapter LoRA and the full LLM's differ in names")
