@@ -137,7 +137,8 @@ def run_variant(name, full, tokenizer, args, task, examples, train, batches, cac
                     "rank": rank, "lr": lr, "align": align_changes}
     public = None
     if align_changes is not None:
-        key = (tuple(plan.kept_layers), settings.samples, settings.seq_len)
+        key = (tuple(plan.kept_layers), tuple(plan.full_adapter_layers), settings.samples,
+               settings.seq_len)
         if key not in caches:  # the teacher's emulator does not depend on the adapter
             caches[key] = public_caches(teacher, plan, tokenizer, settings, args.data_dir)
         public, heldout = caches[key]

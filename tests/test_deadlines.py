@@ -163,3 +163,21 @@ def test_min_nodes_settings_are_checked_before_anything_starts():
         RunConfig(clients=4, clients_per_round=4, min_nodes=5)
     with pytest.raises(ValueError, match="hierfedlora groups every client"):
         RunConfig(method="hierfedlora", clients=4, clients_per_round=4, min_nodes=2)
+
+
+def test_a_restarted_node_takes_its_client_over_and_a_silent_one_is_asked_again():
+    partition = {100: 0, 101: 1, 201: 1, 202: 2}
+    answers = {"silent": True}
+
+    def hello(node, m):
+        return None if node == 202 and answers["silent"] else hello_as(partition)(node, m)
+
+    grid = Grid(hello)
+    cfg = RunConfig(clients=3, clients_per_round=3, min_nodes=2)
+    clients = handshake(grid, [100, 101], cfg, [])
+    # Node 101 went away; node 201 (its SuperNode restarted) claims client 1; 202 is silent.
+    grid.get_node_ids = lambda: [100, 201, 202]
+    assert admit_late_nodes(grid, cfg, clients, []) == [1]
+    assert clients.node_of == {0: 100, 1: 201} and 202 not in clients.refused
+    answers["silent"] = False
+    assert admit_late_nodes(grid, cfg, clients, []) == [2] and clients.node_of[2] == 202

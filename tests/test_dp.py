@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from fedsoda.dp_settings import DPSettings
 from fedsoda.federated.config import RunConfig
-from fedsoda.federated.dp import epsilon, privatize
+from fedsoda.federated.dp import epsilon, merged_releases, privatize, save_releases
 from fedsoda.federated.messages import MessageError, TrainConfig
 from fedsoda.federated.simulation import simulate
 from fedsoda.surgery.lora import to_full
@@ -33,6 +33,9 @@ def test_settings_refuse_what_cannot_work_in_one_line():
         DPSettings(clip=-1.0)
     with pytest.raises(ValueError, match=r"dp.delta must be in \(0, 1\)"):
         DPSettings(clip=1.0, delta=1.0)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="must be finite"):
+            DPSettings(clip=1.0, noise=bad)
     with pytest.raises(ValueError, match="similarity matrices"):
         RunConfig(method="fedpruner", dp=DPSettings(clip=1.0))
     assert not DPSettings().enabled and DPSettings(clip=0.5).enabled
@@ -55,7 +58,7 @@ def test_the_clipped_update_never_exceeds_the_bound_and_a_small_one_is_untouched
             assert all(torch.allclose(out[k], trained[k], atol=1e-6) for k in out)
 
 
-def test_noise_has_the_stated_spread_and_is_reproducible_per_seed():
+def test_noise_has_the_stated_spread_and_nobody_can_draw_it_again():
     start = {"a": torch.zeros(300, 300), "b": torch.zeros(100)}
     trained = {"a": torch.zeros(300, 300), "b": torch.zeros(100)}  # a zero update
     settings = DPSettings(clip=0.2, noise=1.5)
@@ -64,11 +67,14 @@ def test_noise_has_the_stated_spread_and_is_reproducible_per_seed():
     assert norm == 0.0
     assert abs(values.mean().item()) < 0.01 * 0.3  # std 0.3 = 1.5 x 0.2, 90,100 draws
     assert values.std().item() == pytest.approx(0.3, rel=0.02)
-    again, _ = privatize(trained, start, settings, seed=7)
-    other, _ = privatize(trained, start, settings, seed=8)
-    assert torch.equal(again["a"], out["a"]) and not torch.equal(other["a"], out["a"])
-    with pytest.raises(KeyError, match="no LoRA was sent"):
-        privatize({"c": torch.zeros(1)}, start, settings, seed=0)
+    # A run passes no seed: its noise comes from the OS, so the server (which knows every
+    # run setting, round and client id) cannot draw it again and subtract it.
+    first, _ = privatize(trained, start, settings)
+    second, _ = privatize(trained, start, settings)
+    assert not torch.equal(first["a"], second["a"])
+    assert torch.cat([first["a"].flatten(), first["b"]]).std().item() == pytest.approx(0.3, rel=0.02)
+    with pytest.raises(MessageError, match="no LoRA was sent"):
+        privatize({"c": torch.zeros(1)}, start, settings)
 
 
 def rdp_epsilon(sigma: float, steps: int, delta: float, alpha: float, improved: bool) -> float:
@@ -87,9 +93,11 @@ def test_epsilon_lies_between_the_two_hand_conversions(sigma, steps):
     alphas = np.linspace(1.01, 400, 200_000)
     classic = min(rdp_epsilon(sigma, steps, delta, a, False) for a in alphas[::50])
     best = min(rdp_epsilon(sigma, steps, delta, a, True) for a in alphas)
-    value = epsilon(DPSettings(clip=1.0, noise=sigma, delta=delta), steps)
+    # Replace-one neighbours: clipped updates up to 2C apart, so the multiplier is sigma / 2.
+    value = epsilon(DPSettings(clip=1.0, noise=2 * sigma, delta=delta), steps)
     # Opacus scans a grid of orders with the tighter conversion: at or just above its minimum.
     assert best <= value <= best * 1.02 and value < classic
+    assert value == pytest.approx(epsilon(DPSettings(clip=5.0, noise=2 * sigma), steps))
     assert epsilon(DPSettings(clip=1.0, noise=sigma), 0) == 0.0
     assert epsilon(DPSettings(clip=1.0), steps) == math.inf
 
@@ -118,3 +126,10 @@ def test_a_run_with_clipping_moves_the_adapter_at_most_the_bound_per_round(
     assert 0 < moved <= 2 * clip * (1 + 1e-4)
     assert summary["dp"] == {"clip": clip, "noise": 0.0, "delta": 1e-5, "max_releases": 2,
                              "epsilon": None}
+
+
+def test_spent_privacy_survives_a_round_that_never_reached_its_checkpoint(tmp_path):
+    save_releases(tmp_path, {"0": 3, "1": 2})  # written as the replies of round 3 came in
+    # The checkpoint holds round 2; a resume keeps the larger count of each client.
+    assert merged_releases({"0": 2, "1": 2, "2": 1}, tmp_path) == {"0": 3, "1": 2, "2": 1}
+    assert merged_releases({"0": 2}, tmp_path / "nothing-saved") == {"0": 2}

@@ -3,6 +3,7 @@ a light module, so that the config and the CLI can read it without loading torch
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -18,6 +19,8 @@ class DPSettings:
     delta: float = 1e-5
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.clip) and math.isfinite(self.noise)):
+            raise ValueError(f"dp.clip and dp.noise must be finite, got {self.clip} and {self.noise}")
         if self.clip < 0 or self.noise < 0:
             raise ValueError(f"dp.clip and dp.noise must be >= 0, got {self.clip} and {self.noise}")
         if self.noise > 0 and self.clip == 0:

@@ -307,8 +307,7 @@ def train(message: Message, context: Context) -> Message:
                             "cache_misses": cache.misses - misses if cache is not None else 0})
     trained = to_full(result["state"], a.layers)
     if config.dp.enabled:  # clipped and noised here: the server never sees the raw update
-        trained, norm = privatize(trained, start, config.dp, seed)
-        metrics["update_norm"] = norm
+        trained, _ = privatize(trained, start, config.dp)
     adapter = upload(storage, config, trained, start)
     return Message(RecordDict({"adapter": adapter, "metrics": metrics}), reply_to=message)
 

@@ -35,6 +35,9 @@ def wait_for_nodes(grid: Grid, count: int, timeout: float = 300.0) -> list[int]:
     return nodes
 
 
+SILENT = "did not answer the handshake by the deadline"
+
+
 @dataclass
 class Clients:
     """What the server knows of its clients: from the handshake, then from deliveries."""
@@ -47,10 +50,13 @@ class Clients:
 
 
 def join(grid: Grid, nodes: list[int], cfg: RunConfig, hashes: list[str],
-         clients: Clients) -> dict[int, str]:
+         clients: Clients, live: set[int] | None = None) -> dict[int, str]:
     """Ask each of ``nodes`` which client it is, how many examples it holds (``cfg.max_examples``
     caps what is believed) and which of the run's files it already has; add the sound
-    answers to ``clients``. Returns the nodes refused, each with a one-line reason."""
+    answers to ``clients``. Returns the nodes refused, each with a one-line reason.
+
+    With ``live`` (the nodes connected now), a node claiming a client whose node is gone (a
+    SuperNode restarted under a new node id) takes that client over."""
     config = data_spec(cfg).to_record()
     config["hashes"] = sorted(hashes)
     replies = grid.send_and_receive([Message(RecordDict({"config": config}), dst_node_id=n,
@@ -69,7 +75,7 @@ def join(grid: Grid, nodes: list[int], cfg: RunConfig, hashes: list[str],
             refused[node] = (f"node {node} answered the handshake with {error}; it must run "
                              "this version of fedsoda")
             continue
-        if pid in clients.node_of:
+        if pid in clients.node_of and (live is None or clients.node_of[pid] in live):
             refused[node] = (f"nodes {clients.node_of[pid]} and {node} both claim partition-id "
                              f"{pid}; every SuperNode needs a distinct partition-id in "
                              f"0..{cfg.clients - 1}")
@@ -79,21 +85,24 @@ def join(grid: Grid, nodes: list[int], cfg: RunConfig, hashes: list[str],
         clients.held[pid] = set(hashes) & {h for h in held if isinstance(h, str)} \
             if isinstance(held, list) else set()
     for node in sorted(set(nodes) - heard):
-        refused[node] = f"node {node} did not answer the handshake by the deadline"
+        refused[node] = f"node {node} {SILENT}"
     return refused
 
 
 def admit_late_nodes(grid: Grid, cfg: RunConfig, clients: Clients, hashes: list[str]) -> list[int]:
-    """With ``min_nodes``: handshake the nodes that connected since the last look (a node
-    refused once is not asked again; its reason stays in ``clients.refused``). Returns the
-    client ids admitted."""
-    known = set(clients.node_of.values()) | set(clients.refused)
-    new = sorted(set(grid.get_node_ids()) - known)
-    if not cfg.min_nodes or not new:
+    """With ``min_nodes``: handshake the nodes that connected since the last look. A node
+    refused for what it answered is not asked again (its reason stays in
+    ``clients.refused``); one that did not answer in time is asked again next round; one
+    that takes over a client whose node is gone (restarted) is admitted. Returns the client
+    ids admitted or taken over."""
+    live = set(grid.get_node_ids()) if cfg.min_nodes else set()
+    new = sorted(live - set(clients.node_of.values()) - set(clients.refused))
+    if not new:
         return []
-    before = set(clients.node_of)
-    clients.refused.update(join(grid, new, cfg, hashes, clients))
-    return sorted(set(clients.node_of) - before)
+    before = dict(clients.node_of)
+    refused = join(grid, new, cfg, hashes, clients, live)
+    clients.refused.update({n: why for n, why in refused.items() if SILENT not in why})
+    return sorted(pid for pid, node in clients.node_of.items() if before.get(pid) != node)
 
 
 def handshake(grid: Grid, nodes: list[int], cfg: RunConfig, hashes: list[str]) -> Clients:

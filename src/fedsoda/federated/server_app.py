@@ -28,6 +28,7 @@ from fedsoda.data.tasks import get_task
 from fedsoda.evaluate.tasks import evaluation_rows
 from fedsoda.federated.checkpoint import ServerState, load_checkpoint, save_checkpoint
 from fedsoda.federated.config import RunConfig, config_from_flat, with_method_schedule
+from fedsoda.federated.dp import merged_releases, save_releases
 from fedsoda.federated.messages import ProbeConfig, TrainConfig, lora_record, to_record, wire_record
 from fedsoda.federated.nodes import (
     Clients,
@@ -196,6 +197,8 @@ def train_round(session: Session, state: ServerState, assignments: dict[int, Ass
         # burn the remaining rounds on the unchanged adapter.
         raise RuntimeError(f"round {state.round + 1}: all {len(errors)} clients failed; the "
                            f"first error: {errors[0][-1500:]}")
+    if session.cfg.dp.enabled:  # before anything can stop the round: spent privacy stays spent
+        save_releases(Path(session.cfg.out), state.releases)
     for pid in sorted(set(assignments) - heard):  # late replies are dropped
         round_log.reject(pid, f"no reply within round_timeout={session.cfg.round_timeout:g} s")
     sent = {r.client: bases.get(r.client, state.adapter) for r in accepted}
@@ -314,6 +317,8 @@ def start(grid: Grid, cfg: RunConfig, resume: bool) -> tuple[Session, ServerStat
     out.mkdir(parents=True, exist_ok=True)
     method = get_method(cfg.method)
     state = load_checkpoint(out / "checkpoint") if resume else None
+    if state is not None:  # updates sent in a round the checkpoint does not hold still count
+        state.releases = merged_releases(state.releases, out)
     cfg.save(out / "config.toml")  # a resume may have added rounds
     server = method.prepare(cfg, out, resume)
     if state is None:

@@ -15,6 +15,7 @@ The functions every method module provides, in the order the runtime calls them:
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from fedsoda.methods.assignment import Assignment
 from fedsoda.methods.recipe import Recipe
 from fedsoda.models.loading import file_sha256
 from fedsoda.surgery.lora import LoraSpec, load_lora_state, to_full, to_local
+
+log = logging.getLogger("fedsoda.server")
 
 
 @dataclass
@@ -61,11 +64,15 @@ def prepare(cfg, out: Path, resume: bool) -> Offsite:
                                    out, pre_align=not resume)
     server = Offsite(recipe=recipe, models=models, files=folder_files(models.folder / "model"))
     if cfg.align.fidelity_batches:
-        server.probe = probe_batches(get_task(cfg.task), cfg.data_folder, models.tokenizer,
-                                     cfg.max_tokens, cfg.align.fidelity_batches,
-                                     cfg.align.batch_size)
-        if not resume:  # the initial adapter (B = 0) after pre-alignment: round 0
-            write_fidelity(out, {0: server_models.fidelity(models, server.probe)})
+        try:
+            server.probe = probe_batches(get_task(cfg.task), cfg.data_folder, models.tokenizer,
+                                         cfg.max_tokens, cfg.align.fidelity_batches,
+                                         cfg.align.batch_size)
+        except FileNotFoundError:  # a deployed server holds no training split: no probe
+            log.warning("no %s training split on the server: the gradient-fidelity probe is "
+                        "off (set align.fidelity_batches = 0 to say so)", cfg.task)
+    if server.probe and not resume:  # the initial adapter (B = 0) after pre-alignment: round 0
+        write_fidelity(out, {0: server_models.fidelity(models, server.probe)})
     return server
 
 
