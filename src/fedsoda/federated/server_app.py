@@ -347,6 +347,8 @@ def run_server(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict:
     session, state = start(grid, cfg, resume)
     sent = sum(m["bytes_down"] + m["bytes_up"] for m in state.metrics)
     tracker = Tracker(out, cfg.tensorboard)
+    for entry in state.metrics:  # a resume: the rounds before it (a crash may have cut one)
+        tracker.round(entry)
     with RunProgress(cfg.method, cfg.rounds, state.round, sent) as progress:
         while state.round < cfg.rounds:
             round_log, entry = play_round(session, state)
