@@ -104,7 +104,11 @@ def test_resume_inside_a_global_round_is_bit_for_bit(tiny_model_dir, shared_data
                                                      monkeypatch):
     timings = write_timings(tmp_path / "t.json")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    # Each run's clients start empty, so both count the same one-time download whatever
+    # earlier tests left in the shared client storage (the order of tests must not matter).
+    monkeypatch.setenv("FEDSODA_CACHE", str(tmp_path / "cache-straight"))
     simulate(hier_config(tiny_model_dir, shared_data, straight, timings, tau="2"))
+    monkeypatch.setenv("FEDSODA_CACHE", str(tmp_path / "cache-resumed"))
     original = hierarchy.save_checkpoint
 
     def crash_inside_round_two(state, folder):
