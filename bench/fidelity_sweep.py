@@ -29,8 +29,7 @@ from pathlib import Path
 from fedsoda.align.oda import AlignSettings, align, pre_align, public_caches, realign_indices
 from fedsoda.data.task import EncodedExamples, load_rows, pad_id
 from fedsoda.data.tasks import get_task
-from fedsoda.evaluate.options import margin_report, option_scores
-from fedsoda.evaluate.tasks import evaluation_rows
+from fedsoda.evaluate.tasks import evaluate, evaluation_rows
 from fedsoda.fidelity import gradient_fidelity, probe_batches
 from fedsoda.methods import RECIPES
 from fedsoda.methods.client_model import recipe_plan
@@ -71,17 +70,10 @@ def recipe_of(name: str):
             "fedsoda_all": dataclasses.replace(base, name=name, emulator_lora="all")}[name]
 
 
-def scores(model, tokenizer, task, examples) -> dict:
-    """Accuracy, best-threshold accuracy and AUC of ``score(option 1) - score(option 0)``."""
-    rows = []
-    for start in range(0, len(examples), 16):
-        rows += option_scores(model, tokenizer, examples[start: start + 16], task.options, 512)
-    margin = [r[1] - r[0] for r in rows]
-    labels = [e.label for e in examples]
-    report = margin_report(margin, labels)
-    accuracy = sum((m > 0) == (y == 1) for m, y in zip(margin, labels, strict=True)) / len(labels)
-    return {"accuracy": accuracy, "best_threshold_accuracy": report["best_threshold_accuracy"],
-            "auc": report["auc"]}
+def scores(model, tokenizer, task, rows) -> dict:
+    """Accuracy, best-threshold accuracy and AUC of the option margin, as a run scores it."""
+    scored = evaluate(model, tokenizer, task, rows)
+    return {key: scored[key] for key in ("accuracy", "best_threshold_accuracy", "auc")}
 
 
 def train_rounds(sub, plan, teacher, public, settings, train, args, pad, lr) -> list[dict]:
@@ -198,8 +190,7 @@ def main() -> None:
     configure_threads()
     task = get_task("sst2")
     full, tokenizer = load(args.model)
-    examples = [task.to_example(r) for r in evaluation_rows(task, args.data_dir,
-                                                            args.eval_limit or None)]
+    examples = evaluation_rows(task, args.data_dir, args.eval_limit or None)  # scored rows
     rows = load_rows(task, task.train_split, args.data_dir)
     random.Random(1).shuffle(rows)  # not the probe's draw (seed 0)
     train = EncodedExamples(task, rows[: args.rounds * args.steps * 8 * 2], tokenizer, 256)
