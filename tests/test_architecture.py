@@ -18,14 +18,15 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "fedsoda"
 # down: core libraries at the bottom, then the methods, the runtime, the tools, the CLI.
 BELOW_METHODS = {"models", "data", "surgery", "align", "evaluate", "activation_cache",
                  "training", "accounting", "aggregation", "budgets", "schedule", "wire",
-                 "wire_settings", "fidelity", "dp_settings"}
+                 "wire_settings", "fidelity", "dp_settings", "phases"}
 ALLOWED: dict[str, set[str]] = {
     "__init__": set(),
     "models": set(),
     "data": set(),
-    "surgery": {"models", "data"},
-    "align": {"models", "data", "surgery"},
-    "evaluate": {"models", "data"},
+    "phases": set(),  # progress bars of the long phases: used from the bottom up
+    "surgery": {"models", "data", "phases"},
+    "align": {"models", "data", "surgery", "phases"},
+    "evaluate": {"models", "data", "phases"},
     "activation_cache": {"models", "data", "surgery"},
     "training": {"models", "data", "surgery", "activation_cache"},
     "accounting": {"models", "data", "surgery", "training"},

@@ -24,6 +24,7 @@ from fedsoda.align.losses import REPRESENTATION_LOSSES, alignment_loss, kl_diver
 from fedsoda.align.settings import AlignSettings
 from fedsoda.data.public import public_batches
 from fedsoda.models import unwrap
+from fedsoda.phases import phase
 from fedsoda.surgery.lora import set_trainable
 from fedsoda.surgery.plan import PruningPlan
 from fedsoda.surgery.similarity import capture_layer_outputs
@@ -59,21 +60,25 @@ class TeacherCache:
 
 
 @torch.no_grad()
-def cache_teacher(teacher: nn.Module, plan: PruningPlan, batches: list[dict]) -> TeacherCache:
+def cache_teacher(teacher: nn.Module, plan: PruningPlan, batches: list[dict],
+                  on_batch: Callable[[int], None] | None = None) -> TeacherCache:
     """Run the frozen teacher once per batch, keeping only the layers alignment compares.
 
     Only the emulator layers run (the adapter layers are skipped), so the cache does not
-    depend on the adapter LoRA and stays valid across rounds.
+    depend on the adapter LoRA and stays valid across rounds. ``on_batch(done)`` is told
+    how many batches are done.
     """
     layout = Layout.of(plan)
     wanted = sorted({t for t, _ in layout.pairs} | {layout.final[0]})
     emulator = keep_layers(teacher, list(range(plan.emulator_layers)), share=True)
     hidden = []
     with capture_layer_outputs(emulator, wanted) as out:
-        for batch in batches:
+        for done, batch in enumerate(batches, 1):
             emulator.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                            use_cache=False)
             hidden.append({w: out[w].detach().clone() for w in wanted})
+            if on_batch is not None:
+                on_batch(done)
     return TeacherCache(batches=tuple(batches), hidden=tuple(hidden))
 
 
@@ -177,7 +182,9 @@ def public_caches(teacher: nn.Module, plan: PruningPlan, tokenizer, settings: Al
                                settings.batch_size, data_dir, settings.seed)
     held, _ = public_batches(tokenizer, "test", settings.heldout, settings.seq_len,
                              settings.batch_size, data_dir, settings.seed)
-    return cache_teacher(teacher, plan, public), cache_teacher(teacher, plan, held)
+    with phase("teacher cache", len(public) + len(held), "batches") as advance:
+        first = cache_teacher(teacher, plan, public, on_batch=advance)
+        return first, cache_teacher(teacher, plan, held, lambda done: advance(len(public) + done))
 
 
 def pre_align(teacher: nn.Module, student: nn.Module, plan: PruningPlan, public: TeacherCache,
@@ -187,8 +194,14 @@ def pre_align(teacher: nn.Module, student: nn.Module, plan: PruningPlan, public:
     """Pre-alignment (``E_p`` epochs), with KL and representation loss measured on the
     held-out cache before and after."""
     before = measure(teacher, student, plan, heldout, settings.rep_loss)
-    result = align(teacher, student, plan, public, settings, settings.epochs, on_step=on_step,
-                   lora_layers=lora_layers)
+    with phase("pre-alignment", settings.epochs * len(public.batches), "steps") as advance:
+        def step(done: int, total: int, record: dict[str, float]) -> None:
+            advance(done)
+            if on_step is not None:
+                on_step(done, total, record)
+
+        result = align(teacher, student, plan, public, settings, settings.epochs, on_step=step,
+                       lora_layers=lora_layers)
     after = measure(teacher, student, plan, heldout, settings.rep_loss)
     return {"kl_before": before["kl"], "kl_after": after["kl"], "rep_before": before["rep"],
             "rep_after": after["rep"],

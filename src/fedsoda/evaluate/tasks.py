@@ -11,6 +11,7 @@ from fedsoda.data.gsm8k import SHOTS, few_shot_prefix
 from fedsoda.data.task import Task, load_rows
 from fedsoda.evaluate.generation import exact_match, greedy_answers
 from fedsoda.evaluate.options import margin_report, option_scores
+from fedsoda.phases import phase
 
 
 def evaluation_rows(task: Task, data_dir: str | None, limit: int | None) -> list[dict]:
@@ -42,23 +43,26 @@ def evaluate(model: nn.Module, tokenizer, task: Task, rows: list[dict], batch_si
     shots = ""
     if not task.is_classification:
         shots = few_shot_prefix(load_rows(task, task.train_split, data_dir)[:SHOTS])
-    for start in range(0, len(order), batch_size):
-        chunk = order[start: start + batch_size]
-        batch = [examples[i] for i in chunk]
-        if task.is_classification:
-            scores = option_scores(model, tokenizer, batch, task.options, max_tokens)
-            winners = [max(range(len(s)), key=s.__getitem__) for s in scores]
-            for index, winner, score in zip(chunk, winners, scores, strict=True):
-                chosen[index] = winner
-                margins[index] = score[-1] - score[0]
-            hits = [winner == e.label for winner, e in zip(winners, batch, strict=True)]
-        else:
-            texts = greedy_answers(model, tokenizer, batch, shots, max_tokens * 4, max_new_tokens)
-            hits = exact_match(texts, [e.label for e in batch])
-        for index, hit in zip(chunk, hits, strict=True):
-            correct[index] = hit
-        if on_batch is not None:
-            on_batch(min(start + batch_size, len(order)), len(order))
+    with phase(f"evaluation on {task.name}", len(order), "examples") as advance:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start: start + batch_size]
+            batch = [examples[i] for i in chunk]
+            if task.is_classification:
+                scores = option_scores(model, tokenizer, batch, task.options, max_tokens)
+                winners = [max(range(len(s)), key=s.__getitem__) for s in scores]
+                for index, winner, score in zip(chunk, winners, scores, strict=True):
+                    chosen[index] = winner
+                    margins[index] = score[-1] - score[0]
+                hits = [winner == e.label for winner, e in zip(winners, batch, strict=True)]
+            else:
+                texts = greedy_answers(model, tokenizer, batch, shots, max_tokens * 4, max_new_tokens)
+                hits = exact_match(texts, [e.label for e in batch])
+            for index, hit in zip(chunk, hits, strict=True):
+                correct[index] = hit
+            done = min(start + batch_size, len(order))
+            advance(done)
+            if on_batch is not None:
+                on_batch(done, len(order))
     result = {"task": task.name, "accuracy": sum(correct) / len(correct), "n": len(correct),
               "seconds": time.perf_counter() - began, "prompt": task.prompt_note}
     if task.is_classification:

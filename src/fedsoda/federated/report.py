@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import ArrayRecord
 
+from fedsoda import phases
 from fedsoda.federated.dp import epsilon
 from fedsoda.federated.messages import blobs_record, record_bytes, record_params, to_record
 from fedsoda.methods.fedpruner import selection_counts
@@ -81,20 +82,20 @@ class RunProgress:
     """
 
     def __init__(self, method: str, rounds: int, done: int, sent_bytes: int = 0) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import Progress
 
         self.sent = sent_bytes
-        self.progress = Progress(TextColumn(f"[bold]{method}[/bold] rounds"), BarColumn(),
-                                 MofNCompleteColumn(), TimeElapsedColumn(),
-                                 TextColumn("{task.fields[status]}"))
-        self.task = self.progress.add_task(method, total=rounds, completed=done,
-                                           status="waiting for the first round")
+        self.progress = Progress(*phases.columns())
+        self.task = self.progress.add_task(f"[bold]{method}[/bold] rounds", total=rounds,
+                                           completed=done, status="waiting for the first round")
 
     def __enter__(self) -> RunProgress:
         self.progress.start()
+        phases.share(self.progress)  # evaluation bars become rows of this display
         return self
 
     def __exit__(self, *exc) -> None:
+        phases.share(None)
         self.progress.stop()
 
     def round_done(self, log: RoundLog, entry: dict) -> None:

@@ -14,6 +14,7 @@ import torch
 
 from fedsoda.data.public import public_batches
 from fedsoda.models import cache_dir, load, load_config, model_fingerprint
+from fedsoda.phases import phase
 from fedsoda.surgery.plan import PruneSettings, PruningPlan
 from fedsoda.surgery.similarity import similarity_plan
 
@@ -45,8 +46,9 @@ def sgp_plan(model_spec: str, settings: PruneSettings, data_dir: str | None, see
         plan = PruningPlan.load(cached)
         _log(f"plan taken from cache {cached}")
     else:
-        with torch.inference_mode():
-            plan = similarity_plan(model, batches, settings, model_spec, model_hash, data_hash)
+        with torch.inference_mode(), phase("SGP: layer similarity", len(batches), "batches") as advance:
+            plan = similarity_plan(model, batches, settings, model_spec, model_hash, data_hash,
+                                   on_batch=advance)
         plan = dataclasses.replace(plan, seconds=time.perf_counter() - began)
         plan.save(cached)
     _log(f"groups {plan.groups}; sub-LLM keeps {plan.sub_num_layers} of {plan.num_layers} "

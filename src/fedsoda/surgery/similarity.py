@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 
 import torch
@@ -52,35 +52,39 @@ def _per_sample(distance: torch.Tensor, mask: torch.Tensor, token: str) -> torch
 
 @torch.no_grad()
 def window_distances(model: nn.Module, batches: Iterable[dict], n: int, emulator_layers: int,
-                     token: str = "last") -> list[float]:
+                     token: str = "last", on_batch: Callable[[int], None] | None = None) -> list[float]:
     """Mean over samples of ``d(l, l+n)`` for every window start ``0 <= l <= L_E-1-n``.
 
     ``batches`` yields dicts with ``input_ids`` and ``attention_mask``. With ``token="all"``
     each sample's distance is the mean over its real tokens, then samples are averaged.
+    ``on_batch(done)`` is told how many batches are done.
     """
     starts = range(emulator_layers - n)
     totals = torch.zeros(len(starts), dtype=torch.float64)
     count = 0
     needed = sorted({i for s in starts for i in (s, s + n)})
     with capture_layer_outputs(model, needed) as outputs:
-        for batch in batches:
+        for done, batch in enumerate(batches, 1):
             mask = batch["attention_mask"]
             model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False)
             for j, start in enumerate(starts):
                 distance = angular_distance(outputs[start], outputs[start + n])
                 totals[j] += _per_sample(distance, mask, token).sum()
             count += mask.shape[0]
+            if on_batch is not None:
+                on_batch(done)
     return (totals / count).tolist()
 
 
 def similarity_plan(model: nn.Module, batches: list[dict], settings: PruneSettings,
-                    model_name: str, model_hash: str = "", data_hash: str = "") -> PruningPlan:
+                    model_name: str, model_hash: str = "", data_hash: str = "",
+                    on_batch: Callable[[int], None] | None = None) -> PruningPlan:
     """Measure window distances on public batches and choose the groups to prune."""
     num = len(decoder_layers(model))
     settings.check_model(num)
     began = time.perf_counter()
     emulator = num - settings.adapter_layers
-    distances = window_distances(model, batches, settings.n, emulator, settings.token)
+    distances = window_distances(model, batches, settings.n, emulator, settings.token, on_batch)
     starts = choose_windows(distances, settings.n, settings.p)
     return PruningPlan(
         model=model_name,
