@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import shutil
@@ -107,6 +108,9 @@ def preflight(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> 
     check_run_folder(Path(cfg.out), resume, overwrite)
     check_model(cfg)
     check_data(cfg)
+    if cfg.wandb and importlib.util.find_spec("wandb") is None:
+        raise ValueError(f"wandb={cfg.wandb!r} needs Weights & Biases: pip install -e '.[wandb]' "
+                         "(or leave wandb unset)")
 
 
 def run_markers(out: Path) -> list[str]:

@@ -30,6 +30,7 @@ from fedsoda.surgery.plan import PruneSettings
 from fedsoda.wire_settings import WireSettings
 
 TASKS = ("sst2", "boolq", "gsm8k")
+WANDB_MODES = ("", "offline", "online")
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,9 @@ class RunConfig:
     min_nodes: int = 0
     # Every round's figures as TensorBoard event files in RUN/tensorboard (fedsoda.federated.tracking).
     tensorboard: bool = True
+    # The same figures to Weights & Biases (optional extra '.[wandb]'): "" off, "offline"
+    # (no network; RUN/wandb, `wandb sync` uploads it later) or "online".
+    wandb: str = ""
     prune: PruneSettings = field(default_factory=PruneSettings)
     align: AlignSettings = field(default_factory=AlignSettings)
     fedpruner: FedPrunerSettings = field(default_factory=FedPrunerSettings)
@@ -97,6 +101,8 @@ class RunConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.mu < 0:
             raise ValueError(f"lr must be > 0 and mu >= 0, got lr={self.lr} mu={self.mu}")
+        if self.wandb not in WANDB_MODES:
+            raise ValueError(f"wandb must be one of {', '.join(map(repr, WANDB_MODES))}, got {self.wandb!r}")
         if self.round_timeout < 0 or self.min_replies < 1:
             raise ValueError(f"round_timeout must be >= 0 (0: none) and min_replies >= 1, got "
                              f"{self.round_timeout} and {self.min_replies}")

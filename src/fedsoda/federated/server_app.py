@@ -13,6 +13,7 @@ count is what the client declared at the handshake.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -346,7 +347,7 @@ def run_server(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict:
     out = Path(cfg.out)
     session, state = start(grid, cfg, resume)
     sent = sum(m["bytes_down"] + m["bytes_up"] for m in state.metrics)
-    tracker = Tracker(out, cfg.tensorboard)
+    tracker = Tracker(out, cfg.tensorboard, cfg.wandb, dataclasses.asdict(cfg))
     for entry in state.metrics:  # a resume: the rounds before it (a crash may have cut one)
         tracker.round(entry)
     with RunProgress(cfg.method, cfg.rounds, state.round, sent) as progress:
