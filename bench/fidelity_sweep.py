@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedsoda.align.oda import AlignSettings, align, pre_align, public_caches, realign_indices
+from fedsoda.align.oda import AlignSettings, pre_align, public_caches, realign
 from fedsoda.data.task import EncodedExamples, load_rows, pad_id
 from fedsoda.data.tasks import get_task
 from fedsoda.evaluate.tasks import evaluate, evaluation_rows
@@ -86,9 +86,8 @@ def train_rounds(sub, plan, teacher, public, settings, train, args, pad, lr) -> 
         entry = {"round": round_number, "loss": trained["loss"]}
         if (public is not None and round_number % args.realign_every == 0
                 and round_number < args.rounds):
-            align(teacher, sub.model, plan, public, settings, settings.realign_epochs,
-                  batch_indices=realign_indices(public, settings, round_number),
-                  lora_layers=sub.emulator_layers)
+            public, _ = realign(teacher, sub.model, plan, public, settings, round_number,
+                                lora_layers=sub.emulator_layers)
             entry["realigned"] = True
         history.append(entry)
     return history

@@ -27,7 +27,7 @@ import tempfile
 
 import torch
 
-from fedsoda.align.oda import AlignSettings, align, pre_align, public_caches, realign_indices
+from fedsoda.align.oda import AlignSettings, pre_align, public_caches, realign
 from fedsoda.commands.model_prep import prune
 from fedsoda.data.task import EncodedExamples, load_rows, pad_id
 from fedsoda.data.tasks import get_task
@@ -121,9 +121,8 @@ def main() -> None:
                     entry |= decision_report(margins(teacher, tokenizer, task, examples), labels)
                 if (variant != "norealign" and round_number % args.realign_every == 0
                         and round_number < args.rounds):
-                    align(teacher, sub.model, plan, public, settings, settings.realign_epochs,
-                          batch_indices=realign_indices(public, settings, round_number),
-                          lora_layers=sub.emulator_layers)
+                    public, _ = realign(teacher, sub.model, plan, public, settings, round_number,
+                                        lora_layers=sub.emulator_layers)
                     entry["realigned"] = True
                 history.append(entry)
                 print(json.dumps({variant: entry}), flush=True)

@@ -1,6 +1,7 @@
 """Orchestrated distillation alignment on a tiny model."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from fedsoda.align.oda import (
     align,
     cache_teacher,
     measure,
+    realign,
     realign_indices,
     teacher_logits,
 )
@@ -86,6 +88,24 @@ def test_realign_subset_is_seeded_and_bounded():
     first = realign_indices(cache, settings, round_number=5)
     assert first == realign_indices(cache, settings, round_number=5)
     assert len(first) == 3 and len(set(first)) == 3
+
+
+def test_realign_trains_the_chosen_subset_and_renews_a_stale_cache(setup, tmp_path):
+    """Realignment runs ``E_r`` epochs over ``realign_indices``; the teacher cache is kept
+    unless trained bottom layers (FedOT's first adapter layer) feed the emulator."""
+    full, sub, teacher = setup
+    cache = cache_teacher(teacher, PLAN, random_batches(6))
+    settings = AlignSettings(realign_samples=6, batch_size=3, realign_epochs=2)
+    kept, result = realign(teacher, sub.model, PLAN, cache, settings, round_number=5,
+                           lora_layers=sub.emulator_layers)
+    assert kept is cache and result["steps"] == 2 * len(realign_indices(cache, settings, 5)) == 4
+
+    bottom = dataclasses.replace(PLAN, first_adapter_layers=1, groups=[[1, 3], [5, 7]])
+    fedot = make_sub_llm(full, bottom, tmp_path / "fedot")
+    cache = cache_teacher(teacher, bottom, random_batches(6))
+    renewed, _ = realign(teacher, fedot.model, bottom, cache, settings, round_number=5,
+                         lora_layers=fedot.emulator_layers)
+    assert renewed is not cache and len(renewed.batches) == len(cache.batches)
 
 
 def test_bad_settings():

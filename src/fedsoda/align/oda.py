@@ -214,3 +214,18 @@ def realign_indices(cache: TeacherCache, settings: AlignSettings, round_number: 
     count = max(1, min(len(cache.batches), math.ceil(settings.realign_samples / settings.batch_size)))
     return random.Random(settings.seed * 100_003 + round_number).sample(
         range(len(cache.batches)), count)
+
+
+def realign(teacher: nn.Module, student: nn.Module, plan: PruningPlan, public: TeacherCache,
+            settings: AlignSettings, round_number: int,
+            lora_layers: list[int] | None = None) -> tuple[TeacherCache, dict]:
+    """Realignment after round ``round_number``: ``E_r`` epochs on a random public subset
+    (``realign_indices``). Returns the teacher cache to use from now on (renewed when trained
+    bottom layers feed the emulator, whose cached activations are then stale) and ``align``'s
+    result."""
+    if plan.first_adapter_layers:
+        public = cache_teacher(teacher, plan, list(public.batches))
+    result = align(teacher, student, plan, public, settings, settings.realign_epochs,
+                   batch_indices=realign_indices(public, settings, round_number),
+                   lora_layers=lora_layers)
+    return public, result

@@ -15,10 +15,7 @@ from fedsoda.align import oda
 from fedsoda.align.oda import (
     AlignSettings,
     TeacherCache,
-    align,
-    cache_teacher,
     public_caches,
-    realign_indices,
 )
 from fedsoda.evaluate.tasks import evaluate
 from fedsoda.fidelity import gradient_fidelity
@@ -97,14 +94,9 @@ def set_global_adapter(models: ServerModels, adapter: dict[str, torch.Tensor]) -
 
 def realign(models: ServerModels, settings: AlignSettings, round_number: int) -> dict:
     """Realignment: ``E_r`` epochs on a random public subset; returns the emulator LoRA."""
-    plan = models.sub.plan
-    if plan.first_adapter_layers:
-        # Trained bottom layers feed the emulator, so its cached activations are stale.
-        models.public = cache_teacher(models.teacher, plan, list(models.public.batches))
-    indices = realign_indices(models.public, settings, round_number)
-    result = align(models.teacher, models.sub.model, plan, models.public, settings,
-                   settings.realign_epochs, batch_indices=indices,
-                   lora_layers=models.sub.emulator_layers)
+    models.public, result = oda.realign(models.teacher, models.sub.model, models.sub.plan,
+                                        models.public, settings, round_number,
+                                        lora_layers=models.sub.emulator_layers)
     return {"emulator": models.sub.emulator_lora(), "seconds": result["seconds"],
             "loss": result["history"][-1]["loss"] if result["history"] else None}
 
