@@ -12,7 +12,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedsoda.federated.checkpoint import ServerState
 from fedsoda.federated.config import RunConfig
 from fedsoda.federated.messages import to_record
-from fedsoda.federated.nodes import Clients, admit_late_nodes, handshake
+from fedsoda.federated.nodes import Clients, admit_late_nodes, deliver, handshake
 from fedsoda.federated.report import RoundLog
 from fedsoda.federated.server_app import QuorumError, Session, deliver_to, train_round
 from fedsoda.methods.assignment import Assignment
@@ -71,6 +71,28 @@ def assignments() -> dict[int, Assignment]:
 
 
 STATE = ServerState(adapter={KEY: torch.zeros(2, 3)})
+
+
+def test_clients_lacking_the_same_files_share_one_record_and_each_is_counted(tmp_path):
+    """The server holds one copy of a file however many clients it sends it to (80 clients
+    x a 266 MiB model would not fit); the bytes on the wire still count every client."""
+    sent = []
+    grid = Grid(lambda node, m: sent.append(m) or RecordDict())
+    clients = session(grid).clients
+    clients.held[3] = {HASH}  # client 3 has it already
+    other = tmp_path / "other.bin"
+    other.write_bytes(b"x" * 100)
+    jobs = assignments()
+    jobs[2] = Assignment(layers=(7,), trainable=(7,), files=(("other.bin", "cd" * 32),),
+                         quantization="nf4", local_steps=1, batch_size=1, lr=1e-3, mu=0.0)
+    size = len(open(__file__, "rb").read())
+    total, failed = deliver(grid, clients, jobs, {HASH: __file__, "cd" * 32: other})
+    assert failed == {} and [m.metadata.dst_node_id for m in sent] == [100, 101, 102]
+    records = [m.content["files"] for m in sent]
+    assert records[0] is records[1] and records[2] is not records[0]
+    npy = 128  # Flower sends arrays as .npy: a 128-byte header for a short 1-D uint8 array
+    assert total == 2 * (size + npy) + (100 + npy)
+    assert clients.held[0] == clients.held[1] == {HASH} and clients.held[2] == {"cd" * 32}
 
 
 def test_a_silent_client_is_dropped_at_the_deadline_and_the_round_goes_on():

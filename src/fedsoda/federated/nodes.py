@@ -149,11 +149,16 @@ def deliver(grid: Grid, clients: Clients, assignments: dict[int, Assignment],
             paths: dict[str, Path], timeout: float | None = None) -> tuple[int, dict[int, str]]:
     """Send each client the files of its assignment it lacks; returns the bytes sent and,
     by client, why a delivery failed (such a client sits the round out)."""
-    messages, lacking = [], {}
+    messages, lacking, records = [], {}, {}
     for pid, assignment in sorted(assignments.items()):
         lacking[pid] = {h for _, h in assignment.files} - clients.held[pid]
         if lacking[pid]:
-            record = blobs_record({h: paths[h] for h in lacking[pid]})
+            # Clients lacking the same files share one record: messages wait in the link
+            # state until delivered, and 80 copies of a 266 MiB model would not fit.
+            key = frozenset(lacking[pid])
+            if key not in records:
+                records[key] = blobs_record({h: paths[h] for h in key})
+            record = records[key]
             messages.append((pid, record, Message(RecordDict({"files": record}),
                                                   dst_node_id=clients.node_of[pid],
                                                   message_type="query.deliver")))
