@@ -152,10 +152,29 @@ def check_model(cfg: RunConfig) -> None:
         layout_plan(recipe, cfg.model, num_layers, cfg.prune)
     elif cfg.method in BUDGETED:  # the budgets' form and count; their sizes need the model
         budgets_from_spec(cfg.fedpruner.budgets, cfg.clients, full_peak=2**40)
+        check_calibration(cfg)
     elif cfg.method == "hierfedlora":
         check_hierfedlora(cfg, num_layers)
     else:
         capacities(cfg.client_layers, cfg.clients, num_layers)
+
+
+def check_calibration(cfg: RunConfig) -> None:
+    """A reused FedPruner calibration exists and was measured for the same client step."""
+    path = Path(cfg.fedpruner.calibration) if cfg.fedpruner.calibration else None
+    if path is None:
+        return
+    if not path.is_file():
+        raise FileNotFoundError(f"fedpruner.calibration: {path} does not exist; give a run "
+                                "folder's budgets.json or leave it empty to measure")
+    saved = path.parent / "config.toml"
+    if saved.is_file():  # the run it came from: its client step must be this run's
+        theirs = load_config(saved)
+        differ = [name for name in ("model", "task", "batch_size", "max_tokens")
+                  if getattr(theirs, name) != getattr(cfg, name)]
+        if differ:
+            raise ValueError(f"fedpruner.calibration {path} was measured with other "
+                             f"{', '.join(differ)}; measure afresh (leave it empty)")
 
 
 def check_hierfedlora(cfg: RunConfig, num_layers: int) -> None:

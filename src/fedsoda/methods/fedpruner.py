@@ -62,6 +62,24 @@ __all__ = ["after_round", "assign", "evaluate", "initial_state", "load_state", "
            "probe_request", "selection_counts", "summary", "take_probes"]
 
 
+CALIBRATION_KEYS = ("memory_model", "block_memory_model", "full_model_peak_bytes", "probe_peak_bytes")
+
+
+def calibration(cfg, cached: Path, model_key: str) -> dict | None:
+    """The measured memory model this run sizes its clients by: its own (``budgets.json``,
+    a resumed run), else the one ``fedpruner.calibration`` names, else None (measure)."""
+    if cached.exists():
+        return json.loads(cached.read_text())
+    if not cfg.fedpruner.calibration:
+        return None
+    given = json.loads(Path(cfg.fedpruner.calibration).read_text())
+    if model_key not in given:
+        raise ValueError(f"fedpruner.calibration {cfg.fedpruner.calibration} holds no {model_key} "
+                         f"(it is from a {'FedPruner+' if model_key == 'memory_model' else 'FedPruner'} "
+                         "run?); give a budgets.json of a run with the same granularity")
+    return {key: given[key] for key in CALIBRATION_KEYS if key in given}
+
+
 def budget_capacity(cfg, out: Path, total: int, folder: Path) -> tuple[list[int], dict]:
     """Layers per client from its budget, and the calibration (cached in ``budgets.json``, so
     a resumed run sizes its clients as before without measuring again). FedLoRA-exclusive
@@ -69,9 +87,8 @@ def budget_capacity(cfg, out: Path, total: int, folder: Path) -> tuple[list[int]
     if cfg.fedpruner.granularity == "block":
         return _block_capacity(cfg, out, total, folder)
     cached = out / "budgets.json"
-    if cached.exists():
-        notes = json.loads(cached.read_text())
-    else:
+    notes = calibration(cfg, cached, "memory_model")
+    if notes is None:
         # Dry runs at L/5 layers and at all L: the second is the full-model peak that
         # fractional budgets refer to.
         model = calibrate(folder, cfg.task, cfg.batch_size, cfg.max_tokens, cfg.data_folder)
@@ -93,9 +110,8 @@ def _block_capacity(cfg, out: Path, total: int, folder: Path) -> tuple[list[int]
     (cached in ``budgets.json`` like the layer one); the capacity is the most layers any of
     its pairs can touch."""
     cached = out / "budgets.json"
-    if cached.exists():
-        notes = json.loads(cached.read_text())
-    else:
+    notes = calibration(cfg, cached, "block_memory_model")
+    if notes is None:
         model = calibrate_blocks(folder, cfg.task, cfg.batch_size, cfg.max_tokens, cfg.data_folder)
         notes = {"block_memory_model": {"a": model.a, "b_attn": model.b_attn, "b_mlp": model.b_mlp,
                                         "points": model.points},

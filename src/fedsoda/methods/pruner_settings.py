@@ -28,6 +28,10 @@ class FedPrunerSettings:
     # "layer": FedPruner, whole decoder layers; "block": FedPruner+ (method notes 2.7), each
     # layer's attention and MLP blocks are units, grouped and picked separately.
     granularity: str = "layer"
+    # A budgets.json of an earlier run whose measured memory model (and probe peak) this run
+    # reuses instead of measuring: the full-model peak moves by up to 7% between processes
+    # (892 vs 963 MB on SmolLM2), so runs meant to compare should share one ("": measure).
+    calibration: str = ""
 
     def __post_init__(self) -> None:
         if self.grouping not in GROUPINGS or self.selection not in SELECTIONS:
