@@ -104,3 +104,55 @@ def test_a_pruned_client_maps_its_layers_to_the_full_models(full, teacher):
     assert figures["cosine"] < 0.999
     with pytest.raises(ValueError, match="2 client adapter layers against 1"):
         gradient_fidelity(pruned, [2, 3], teacher, [4], labelled_batches())
+
+
+def option_batches(option_ids):
+    """Prompts of 8 tokens, then a one-token answer that is one of the options."""
+    batches = random_batches(count=2, batch=4, seq=10)
+    for k, batch in enumerate(batches):
+        batch["attention_mask"][:] = 1
+        answers = torch.tensor([option_ids[(row + k) % 2] for row in range(4)])
+        batch["input_ids"][:, 8] = answers
+        labels = torch.full_like(batch["input_ids"], -100)
+        labels[:, 8] = answers
+        batch["labels"] = labels
+    return batches
+
+
+def test_option_loss_by_hand(full):
+    """Cross-entropy over the two option logits at the position before the answer, computed
+    here from the whole model's logits."""
+    from fedsoda.fidelity import option_loss
+
+    options = [11, 42]
+    batch = option_batches(options)[0]
+    with torch.no_grad():
+        logits = full(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        picked = logits[:, 7, options].double()
+        targets = torch.tensor([0, 1, 0, 1])
+        expected = -(picked.log_softmax(-1)[torch.arange(4), targets]).mean()
+        assert option_loss(full, batch, options).item() == pytest.approx(expected.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="none of the option tokens"):
+        option_loss(full, batch, [11, 43])
+
+
+def test_option_figures_are_one_for_the_full_model_itself(teacher, full):
+    client = client_with(copy.deepcopy(full), ADAPTER, teacher)
+    figures = gradient_fidelity(client, ADAPTER, teacher, ADAPTER, option_batches([11, 42]),
+                                option_ids=[11, 42])
+    assert figures["options"]["cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert figures["options"]["norm_ratio"] == pytest.approx(1.0, abs=1e-6)
+    assert set(figures["options"]["layers"]) == {"4", "5"}
+
+
+def test_option_token_ids():
+    from fedsoda.fidelity import option_token_ids
+
+    class Tokenizer:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": {" negative": [7], " positive": [9], " maybe so": [3, 4],
+                                  " no": [7]}[text]}
+
+    assert option_token_ids(Tokenizer(), (" negative", " positive")) == [7, 9]
+    assert option_token_ids(Tokenizer(), (" negative", " maybe so")) is None  # two tokens
+    assert option_token_ids(Tokenizer(), (" negative", " no")) is None  # the same token

@@ -13,6 +13,12 @@ and the full LLM holding the *same* adapter LoRA, on the same task batches:
 - ``input_error``: per adapter layer, ``|h_client - h_full| / |h_full|`` of the hidden state
   entering it; ``emulator_error`` is this at the first adapter layer fed by the emulator.
 
+With the task's option tokens (two-answer tasks, one token each), ``options`` repeats the
+cosine and norm ratio (overall and per layer) for the loss over the options alone at the first
+answer token (``option_loss``): the cross-entropy over the whole vocabulary also pushes every
+option up against the other 49k tokens (the "answer format"), a direction both models share
+and that says nothing of which option wins; the option loss is what ranks examples.
+
 Hidden-state errors leave out each row's first token: its massive activations (the attention
 sink) would decide the norm and say nothing about the rest (the same choice as FedPruner's
 CKA, see ``fedsoda.surgery.cka``).
@@ -22,13 +28,15 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-from fedsoda.data.task import EncodedExamples, Task, load_rows, pad_id
+from fedsoda.data.task import IGNORE_INDEX, EncodedExamples, Task, load_rows, pad_id
+from fedsoda.models import unwrap
 from fedsoda.models.layers import decoder_layers
 from fedsoda.surgery.lora import layer_of, plain_name, rename_layers, set_trainable
 from fedsoda.training import answer_loss, collate
@@ -58,6 +66,32 @@ def probe_batches(task: Task, data_dir: str | None, tokenizer, max_tokens: int, 
     return task_batches(encoded, pad_id(tokenizer), batches, size)
 
 
+def option_token_ids(tokenizer, options: Sequence[str]) -> list[int] | None:
+    """Each option's token, or None when an option takes more than one token (or two share
+    one): the option loss needs one position that decides."""
+    ids = [tokenizer(option, add_special_tokens=False)["input_ids"] for option in options]
+    if any(len(i) != 1 for i in ids) or len({i[0] for i in ids}) != len(ids):
+        return None
+    return [i[0] for i in ids]
+
+
+def option_loss(model: nn.Module, batch: dict[str, torch.Tensor], option_ids: list[int]) -> torch.Tensor:
+    """Mean cross-entropy over the options alone, at each row's first answer token."""
+    base = unwrap(model)
+    hidden = base.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        use_cache=False).last_hidden_state
+    labels = batch["labels"]
+    first = (labels != IGNORE_INDEX).int().argmax(dim=1)  # the first answer position per row
+    rows = torch.arange(labels.shape[0])
+    answers = labels[rows, first]
+    choices = torch.tensor(option_ids)
+    if not bool((answers[:, None] == choices).any(dim=1).all()):
+        raise ValueError("an example's first answer token is none of the option tokens")
+    targets = (answers[:, None] == choices).int().argmax(dim=1)
+    logits = base.lm_head(hidden[rows, first - 1]).float()[:, choices]
+    return F.cross_entropy(logits, targets)
+
+
 def _layer_inputs(model: nn.Module, layers: list[int], captured: dict[int, list[torch.Tensor]]):
     """Forward pre-hooks that keep (detached) the hidden state entering each of ``layers``."""
     stack = decoder_layers(model)
@@ -71,7 +105,8 @@ def _layer_inputs(model: nn.Module, layers: list[int], captured: dict[int, list[
     return [stack[i].register_forward_pre_hook(hook_for(i), with_kwargs=True) for i in layers]
 
 
-def adapter_gradients(model: nn.Module, layers: list[int], batches: list[dict]) -> dict:
+def adapter_gradients(model: nn.Module, layers: list[int], batches: list[dict],
+                      loss_of: Callable[[nn.Module, dict], torch.Tensor] = answer_loss) -> dict:
     """The task-loss gradient w.r.t. the LoRA of ``layers``, summed over ``batches`` (the
     model's own names), the mean loss, and the hidden states entering those layers.
 
@@ -89,7 +124,7 @@ def adapter_gradients(model: nn.Module, layers: list[int], batches: list[dict]) 
     losses = []
     try:
         for batch in batches:
-            loss = answer_loss(model, batch)
+            loss = loss_of(model, batch)
             for name, grad in zip(named, torch.autograd.grad(loss, list(named.values())),
                                   strict=True):
                 totals[name] += grad.float()
@@ -136,13 +171,37 @@ def one_thread():
 
 
 def gradient_fidelity(client: nn.Module, client_layers: list[int], full: nn.Module,
-                      full_layers: list[int], batches: list[dict]) -> dict:
+                      full_layers: list[int], batches: list[dict],
+                      option_ids: list[int] | None = None) -> dict:
     """The figures of the module docstring. ``client_layers[i]`` of the client model is
-    ``full_layers[i]`` of the full LLM; both must hold the same adapter LoRA."""
+    ``full_layers[i]`` of the full LLM; both must hold the same adapter LoRA. With
+    ``option_ids``, also ``options``: the cosines under the option loss."""
     if len(client_layers) != len(full_layers):
         raise ValueError(f"{len(client_layers)} client adapter layers against {len(full_layers)}")
     with one_thread():  # every sum below, the cosines' too
-        return _figures(client, list(client_layers), full, list(full_layers), batches)
+        figures = _figures(client, list(client_layers), full, list(full_layers), batches)
+        if option_ids:
+            figures["options"] = _option_figures(client, list(client_layers), full,
+                                                 list(full_layers), batches, option_ids)
+        return figures
+
+
+def _option_figures(client: nn.Module, client_layers: list[int], full: nn.Module,
+                    full_layers: list[int], batches: list[dict], option_ids: list[int]) -> dict:
+    def loss(model, batch):
+        return option_loss(model, batch, option_ids)
+
+    ours = adapter_gradients(client, client_layers, batches, loss)["grads"]
+    theirs = adapter_gradients(full, full_layers, batches, loss)
+    mapped = rename_layers(ours, dict(zip(client_layers, full_layers, strict=True)))
+    names = sorted(mapped)
+    cosine, ratio = cosine_and_ratio([mapped[n] for n in names], [theirs["grads"][n] for n in names])
+    per_layer = {}
+    for layer in full_layers:
+        keys = [n for n in names if layer_of(n) == layer]
+        c, r = cosine_and_ratio([mapped[n] for n in keys], [theirs["grads"][n] for n in keys])
+        per_layer[str(layer)] = {"cosine": c, "norm_ratio": r}
+    return {"cosine": cosine, "norm_ratio": ratio, "loss_full": theirs["loss"], "layers": per_layer}
 
 
 def _figures(client: nn.Module, client_layers: list[int], full: nn.Module,

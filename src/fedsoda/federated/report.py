@@ -130,8 +130,8 @@ def plot_curve(metrics: list[dict], path: Path, title: str) -> None:
 
 def plot_fidelity(fidelity: dict, path: Path, title: str) -> None:
     """The gradient-fidelity probe by round (``fidelity.json``): the cosine between the client
-    model's and the full LLM's adapter gradients, overall and per adapter layer, beside the
-    norm ratio and the emulator's relative output error."""
+    model's and the full LLM's adapter gradients, overall (and under the option loss) and per
+    adapter layer, beside the norm ratio and the emulator's relative output error."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -144,6 +144,9 @@ def plot_fidelity(fidelity: dict, path: Path, title: str) -> None:
     for layer in fidelity[rounds[0]]["layers"]:
         left.plot(x, [fidelity[r]["layers"][layer]["cosine"] for r in rounds], marker=".",
                   alpha=0.6, label=f"layer {layer}")
+    if all("options" in fidelity[r] for r in rounds):  # the loss over the options alone
+        left.plot(x, [fidelity[r]["options"]["cosine"] for r in rounds], marker="D", color="r",
+                  linestyle="--", label="all, option loss")
     left.set_xlabel("round (0: before training)")
     left.set_ylabel("gradient cosine, client vs full")
     left.legend(fontsize=7)

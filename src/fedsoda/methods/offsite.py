@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from fedsoda.data.tasks import get_task
-from fedsoda.fidelity import probe_batches
+from fedsoda.fidelity import option_token_ids, probe_batches
 from fedsoda.methods import server_models
 from fedsoda.methods.assignment import Assignment
 from fedsoda.methods.recipe import Recipe
@@ -40,6 +40,7 @@ class Offsite:
     models: server_models.ServerModels
     files: dict[str, tuple[str, Path]]  # client model file name -> (sha256, path)
     probe: list[dict] = field(default_factory=list)  # gradient-fidelity batches (may be none)
+    probe_options: list[int] | None = None  # the task's option tokens, for the option loss
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -65,14 +66,17 @@ def prepare(cfg, out: Path, resume: bool) -> Offsite:
     server = Offsite(recipe=recipe, models=models, files=folder_files(models.folder / "model"))
     if cfg.align.fidelity_batches:
         try:
-            server.probe = probe_batches(get_task(cfg.task), cfg.data_folder, models.tokenizer,
+            task = get_task(cfg.task)
+            server.probe = probe_batches(task, cfg.data_folder, models.tokenizer,
                                          cfg.max_tokens, cfg.align.fidelity_batches,
                                          cfg.align.batch_size)
+            if task.is_classification:
+                server.probe_options = option_token_ids(models.tokenizer, task.options)
         except FileNotFoundError:  # a deployed server holds no training split: no probe
             log.warning("no %s training split on the server: the gradient-fidelity probe is "
                         "off (set align.fidelity_batches = 0 to say so)", cfg.task)
     if server.probe and not resume:  # the initial adapter (B = 0) after pre-alignment: round 0
-        write_fidelity(out, {0: server_models.fidelity(models, server.probe)})
+        write_fidelity(out, {0: server_models.fidelity(models, server.probe, server.probe_options)})
     return server
 
 
@@ -127,7 +131,8 @@ def evaluate(server: Offsite, task, rows: list[dict], data_dir: str | None) -> d
     fidelity of the client model against it (``fedsoda.fidelity``) when the run probes."""
     scored = server_models.evaluate_full(server.models, task, rows, data_dir)
     if server.probe:
-        scored["fidelity"] = server_models.fidelity(server.models, server.probe)
+        scored["fidelity"] = server_models.fidelity(server.models, server.probe,
+                                                    server.probe_options)
     return scored
 
 

@@ -111,13 +111,13 @@ def evaluate_sub(models: ServerModels, task, rows: list[dict], data_dir: str | N
     return evaluate(models.sub.model, models.tokenizer, task, rows, data_dir=data_dir)
 
 
-def fidelity(models: ServerModels, batches: list[dict]) -> dict:
+def fidelity(models: ServerModels, batches: list[dict], option_ids: list[int] | None = None) -> dict:
     """Gradient fidelity of the client model against the full LLM, both holding the global
-    adapter (``fedsoda.fidelity``)."""
+    adapter (``fedsoda.fidelity``); with ``option_ids``, under the option loss too."""
     sub = models.sub
     full_layers = [sub.plan.kept_layers[i] for i in sub.adapter_layers]
     return gradient_fidelity(sub.model, list(sub.adapter_layers), models.teacher, full_layers,
-                             batches)
+                             batches, option_ids)
 
 
 def export_adapter(models: ServerModels, folder: Path) -> Path:
