@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from fedsoda.align.oda import AlignSettings, pre_align, public_caches
+from fedsoda.data.sources import data_dir as local_data_dir
 from fedsoda.models import load, load_config
 from fedsoda.surgery.build import make_sub_llm, save_sub_llm
 from fedsoda.surgery.plan import PruneSettings, PruningPlan
@@ -39,6 +40,7 @@ def build(model_spec: str, plan_path: str, data_dir: str | None, out: str,
     if config.num_hidden_layers != plan.num_layers:
         raise ValueError(f"plan {plan_path} is for a {plan.num_layers}-layer model but "
                          f"{model_spec} has {config.num_hidden_layers} layers")
+    local_data_dir(data_dir)  # before the weights load
     full, tokenizer = load(model_spec, device=device)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)

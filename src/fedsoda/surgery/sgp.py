@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from fedsoda.data.public import public_batches
+from fedsoda.data.sources import data_dir as local_data_dir
 from fedsoda.models import cache_dir, load, load_config, model_fingerprint
 from fedsoda.phases import phase
 from fedsoda.surgery.plan import PruneSettings, PruningPlan
@@ -35,7 +36,8 @@ def sgp_plan(model_spec: str, settings: PruneSettings, data_dir: str | None, see
     ``loaded`` passes an already loaded ``(model, tokenizer)`` so that it is not loaded twice.
     """
     began = time.perf_counter()
-    # Validate against the config before paying for the weights.
+    # Validate the data folder and the config before paying for the weights.
+    local_data_dir(data_dir)  # a wrong --data-dir fails here, not after a minute of loading
     settings.check_model(load_config(model_spec).num_hidden_layers)
     model, tokenizer = loaded or load(model_spec)
     batches, data_hash = public_batches(tokenizer, "validation", settings.samples,
