@@ -94,6 +94,21 @@ def blob_path(storage: Path, digest: str) -> Path:
     return storage / "blobs" / checked(digest, SHA256, "file hash")
 
 
+def machine_blob(digest: str) -> Path:
+    """This machine's one copy of a file its clients were sent. Simulated clients (80 in
+    HierFedLoRA's scale run) each hold a hard link to it, not their own copy of a 266 MiB
+    model (21 GB for 80). A SuperNode of scripts/deploy_local.sh has a cache of its own, so
+    deployed clients share nothing."""
+    return cache_dir() / "blobs" / checked(digest, SHA256, "file hash")
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # another file system, or one without hard links
+        shutil.copyfile(source, target)
+
+
 def emulator_path(storage: Path, run: str) -> Path:
     """This run's emulator LoRA on the client (full-model names).
 
@@ -160,10 +175,18 @@ def deliver(message: Message, context: Context) -> Message:
     """Keep the files sent (each verified against its content hash), written atomically."""
     storage = node_storage(partition_id(context))
     for digest, data in read_blobs(message.content["files"]).items():
-        path = blob_path(storage, digest)
+        shared, path = machine_blob(digest), blob_path(storage, digest)
+        shared.parent.mkdir(parents=True, exist_ok=True)
         path.parent.mkdir(parents=True, exist_ok=True)
+        if not shared.is_file():  # two processes may write it at once: each its own .partial
+            tmp = shared.with_name(f"{digest}.{os.getpid()}.partial")
+            tmp.write_bytes(data)
+            tmp.replace(shared)
+        if path.is_file() and path.samefile(shared):
+            continue  # already held (renaming a link onto its own file would do nothing)
         tmp = path.with_name(digest + ".partial")
-        tmp.write_bytes(data)
+        tmp.unlink(missing_ok=True)
+        link_or_copy(shared, tmp)
         tmp.replace(path)
     return Message(RecordDict({"metrics": MetricRecord({"ok": 1})}), reply_to=message)
 
@@ -182,10 +205,7 @@ def model_folder(storage: Path, config: TrainConfig | ProbeConfig) -> Path:
         if not blob.is_file():
             raise FileNotFoundError(f"client {storage.name} lacks file {name} ({digest[:12]}); the "
                                     "server sends missing files before the train message")
-        try:
-            os.link(blob, partial / name)
-        except OSError:  # a file system without hard links
-            shutil.copyfile(blob, partial / name)
+        link_or_copy(blob, partial / name)
     (partial / ".complete").write_text("")
     shutil.rmtree(folder, ignore_errors=True)
     partial.rename(folder)
