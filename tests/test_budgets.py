@@ -157,6 +157,7 @@ def test_fractions_need_the_full_model_peak():
         budgets_from_spec("0.5x2", 2)
 
 
+@pytest.mark.slow
 def test_calibration_on_the_tiny_model_predicts_a_third_measured_peak(
         tiny_model_dir, shared_data, tmp_path, monkeypatch):
     # Prepare: the tiny model (10 layers) as a layered folder; one thread per probe process.

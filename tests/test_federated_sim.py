@@ -104,6 +104,7 @@ def test_two_rounds_write_a_complete_run_folder(tiny_model_dir, shared_data, tmp
     assert loaded is not None
 
 
+@pytest.mark.slow
 def test_clients_that_kept_the_sub_llm_cost_the_same_per_round(tiny_model_dir, shared_data,
                                                                 tmp_path, monkeypatch):
     # Two runs in one client storage: the second run's clients already hold the sub-LLM.
@@ -190,6 +191,7 @@ def misbehaving_train(message, context):
 bad_clients = clients_with(misbehaving_train)
 
 
+@pytest.mark.slow  # CI keeps test_heterogeneous_sim's malformed replies and test_fuzz
 def test_bad_replies_are_rejected_and_logged(tiny_model_dir, shared_data, tmp_path):
     out = tmp_path / "bad"
     cfg = tiny_config(tiny_model_dir, shared_data, out, clients=4, clients_per_round=4, rounds=1,
@@ -202,7 +204,9 @@ def test_bad_replies_are_rejected_and_logged(tiny_model_dir, shared_data, tmp_pa
     assert summary["accuracy"] is not None
 
 
-@pytest.mark.parametrize("method", ["fedpetuning", "fedot", "fedbiot"])
+# CI runs FedBiOT, the one that also realigns; all three with FEDSODA_TESTS=all.
+@pytest.mark.parametrize("method", [pytest.param("fedpetuning", marks=pytest.mark.slow),
+                                    pytest.param("fedot", marks=pytest.mark.slow), "fedbiot"])
 def test_baselines_run_on_the_same_runtime_and_send_what_their_recipe_says(
         method, tiny_model_dir, shared_data, tmp_path):
     out = tmp_path / method

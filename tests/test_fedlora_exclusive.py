@@ -27,6 +27,7 @@ def calibrated(out, a_mib: float, b_mib: float, layers: int = 10) -> None:
         "full_model_peak_bytes": full}))
 
 
+@pytest.mark.slow
 def test_only_the_clients_that_hold_the_full_model_train(tiny_model_dir, shared_data, tmp_path):
     out = tmp_path / "exclusive"
     calibrated(out, a_mib=100, b_mib=10)  # the full model: 200 MiB, measured

@@ -100,6 +100,7 @@ def test_merge_of_heterogeneous_depths_by_hand():
     assert state.adapter[name(2)].item() == pytest.approx(8.0)
 
 
+@pytest.mark.slow  # CI keeps test_federated_sim's resume between rounds
 def test_resume_inside_a_global_round_is_bit_for_bit(tiny_model_dir, shared_data, tmp_path,
                                                      monkeypatch):
     timings = write_timings(tmp_path / "t.json")
