@@ -103,6 +103,32 @@ def test_a_silent_client_is_dropped_at_the_deadline_and_the_round_goes_on():
     assert log.rejected == [{"client": 2, "reason": "no reply within round_timeout=30 s"}]
 
 
+class DeadNodeGrid:
+    """As Flower's grids: sets each message's id on send; node 102 is dead, so the SuperLink
+    (node 0) answers its message with Flower's "Node Unavailable" error."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for k, message in enumerate(messages):
+            message.metadata.__dict__["_message_id"] = f"sent-{k}"
+            if message.metadata.dst_node_id != 102:
+                replies.append(reply_to(message, trained(1.0)))
+                continue
+            metadata = Metadata(run_id=1, message_id="e", src_node_id=0, dst_node_id=0,
+                                reply_to_message_id=f"sent-{k}", group_id="", created_at=0.0,
+                                ttl=3600.0, message_type="train")
+            replies.append(Message(Error(code=5, reason="Error: Node Unavailable"),
+                                   metadata=metadata))
+        return replies
+
+
+def test_the_superlinks_error_for_a_dead_node_is_that_clients_rejection_once():
+    log = RoundLog(1)
+    kept = train_round(session(DeadNodeGrid(), round_timeout=30.0), STATE, assignments(), log)
+    assert [r.client for r in kept] == [0, 1, 3]
+    assert log.rejected == [{"client": 2, "reason": "client error: Error: Node Unavailable"}]
+
+
 def test_a_round_under_quorum_stops_the_run_saying_how_to_go_on():
     grid = Grid(lambda node, m: trained(1.0) if node == 100 else trained(float("nan")))
     with pytest.raises(QuorumError) as error:

@@ -116,10 +116,17 @@ def deliver_to(session: Session, assignments: dict, round_log: RoundLog) -> dict
 
 def exchange(session: Session, messages: list[Message]):
     """Send ``messages``; yield each reply that arrives by the deadline with the client id
-    of the node that sent it (-1 for a node that serves no client of this run)."""
+    of the node that sent it (-1 for a node that serves no client of this run). An error the
+    SuperLink writes for a node ("Node Unavailable" for one whose heartbeat stopped) comes
+    from the SuperLink, not the node: it is the client's whose message it answers."""
     client_of = {node: pid for pid, node in session.clients.node_of.items()}
-    for reply in session.grid.send_and_receive(messages, timeout=deadline(session.cfg)):
-        yield client_of.get(reply.metadata.src_node_id, -1), reply
+    replies = session.grid.send_and_receive(messages, timeout=deadline(session.cfg))
+    sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}  # ids set on send
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        if node not in client_of and reply.has_error():
+            node = sent_to.get(reply.metadata.reply_to_message_id, node)
+        yield client_of.get(node, -1), reply
 
 
 def adapter_download(session: Session, state: ServerState, assignment: Assignment | None,
