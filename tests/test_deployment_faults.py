@@ -78,10 +78,13 @@ def test_a_supernode_killed_mid_run_is_waited_for_only_until_the_deadline(tiny_m
     rounds = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2, 3]
     assert rounds[0]["rejected"] == []
-    for entry in rounds[1:]:  # every later round: client 2 silent, the others accepted
+    for entry in rounds[1:]:  # every later round: client 2 dropped once, the others accepted
         assert [r["client"] for r in entry["rejected"]] == [2], entry["rejected"]
-        assert "no reply within round_timeout=60 s" in entry["rejected"][0]["reason"]
-        assert entry["seconds"] >= 60  # the round waited for its deadline, not longer
+        # Whichever comes first: the deadline, or the SuperLink's error for a node whose
+        # heartbeat stopped (it used to be logged as client -1, and the client as silent too).
+        reason = entry["rejected"][0]["reason"]
+        assert "no reply within round_timeout=60 s" in reason or "Node Unavailable" in reason
+        assert entry["seconds"] < 60 + 30  # the round did not wait beyond its deadline
     summary = json.loads((work / "run" / "summary.json").read_text())
     assert summary["rounds"] == 3 and summary["accuracy"] is not None
 
