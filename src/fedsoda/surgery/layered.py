@@ -26,6 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.initialization import no_init_weights
 
 from fedsoda.models import decoder_layers, unwrap
+from fedsoda.surgery.cpu_matmul import use_fp32_matmuls
 from fedsoda.surgery.subllm import prune_config
 
 BASE = "base.safetensors"
@@ -119,4 +120,4 @@ def load_layered(folder: Path | str, layers, paths: dict[str, Path] | None = Non
         raise ValueError(f"layered model files do not fit the config: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}")
     model.tie_weights()
-    return model.to(device).eval()
+    return use_fp32_matmuls(model.to(device).eval(), device)
