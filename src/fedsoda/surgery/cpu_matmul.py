@@ -16,6 +16,7 @@ activations keep their dtype and size.
 
 from __future__ import annotations
 
+import os
 import types
 
 import bitsandbytes as bnb
@@ -74,8 +75,9 @@ def _fp32_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 def use_fp32_matmuls(model: nn.Module, device: str | torch.device = "cpu") -> nn.Module:
     """Compute ``model``'s 16-bit and 4-bit linears in float32 where ``device`` lacks native
-    bf16 matmuls (see the module docstring); a no-op elsewhere. Idempotent; returns ``model``."""
-    if native_bf16_matmul(device):
+    bf16 matmuls (see the module docstring); a no-op elsewhere, or where the environment sets
+    ``FEDSODA_FP32_MATMULS=0`` (to compare). Idempotent; returns ``model``."""
+    if native_bf16_matmul(device) or os.environ.get("FEDSODA_FP32_MATMULS", "1").strip() == "0":
         return model
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
