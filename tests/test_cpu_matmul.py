@@ -83,3 +83,9 @@ def test_nothing_changes_where_bf16_matmuls_are_native(monkeypatch):
 
 def test_gpus_count_as_native():
     assert cpu_matmul.native_bf16_matmul("cuda")
+
+
+def test_the_environment_can_turn_it_off_to_compare(no_native_bf16, monkeypatch):
+    monkeypatch.setenv("FEDSODA_FP32_MATMULS", "0")
+    layer = cpu_matmul.use_fp32_matmuls(linear())
+    assert "forward" not in vars(layer)
