@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -83,12 +84,9 @@ def main() -> None:
     texts = [f"Review: {r['sentence'].strip()}\nSentiment:{TASK.options[r['label']]}"
              for r in load_rows(TASK, "train")[:8]]
     batch = tokenizer(texts, return_tensors="pt", padding=True)
-    native = cpu_matmul.native_bf16_matmul
-    cpu_matmul.native_bf16_matmul = lambda device="cpu": True  # load_nf4 keeps bf16 matmuls
-    try:
-        bf16 = attach_lora(quantize_nf4(full), LAYERS)
-    finally:
-        cpu_matmul.native_bf16_matmul = native
+    os.environ["FEDSODA_FP32_MATMULS"] = "0"  # load_nf4 keeps bf16 matmuls for the baseline
+    bf16 = attach_lora(quantize_nf4(full), LAYERS)
+    del os.environ["FEDSODA_FP32_MATMULS"]
     set_trainable(bf16, LAYERS)
     for name, param in bf16.named_parameters():
         if "lora_B" in name:
