@@ -160,6 +160,21 @@ def test_a_wire_format_is_a_row_of_its_own_after_its_methods_fp32_row(tmp_path):
     assert "| FedSODA (nf4) | ✓ | ✓ | ✓ | 80.0 ± 0.0 |" in table and "| 1.5 KiB |" in table
 
 
+def test_each_dp_setting_is_a_row_of_its_own_not_a_seed_of_the_plain_run(tmp_path):
+    dp = lambda noise: {"dp": {"clip": 1.15, "noise": noise, "delta": 1e-5, "epsilon": 5.0}}  # noqa: E731
+    runs = [read_run(fake_run(tmp_path / name, "fedsoda", 0, acc, **extra))
+            for name, acc, extra in (("s4", 0.49, dp(4.0)), ("plain", 0.81, {}),
+                                     ("s1", 0.52, dp(1.0)),
+                                     ("nf4-s1", 0.5, {"wire": "nf4", **dp(1.0)}))]
+    rows = table_rows(runs)
+    assert [r["method"] for r in rows] == [
+        "fedsoda", "fedsoda @ DP clip 1.15, sigma 1", "fedsoda @ DP clip 1.15, sigma 4",
+        "fedsoda @ nf4, DP clip 1.15, sigma 1"]
+    assert [r["accuracy_spread"] for r in rows] == [0.0] * 4  # one run a row: no false spread
+    table = markdown_table(rows, runs)
+    assert "| FedSODA (DP clip 1.15, sigma 4) | ✓ | ✓ | ✓ | 49.0 ± 0.0 |" in table
+
+
 def test_tracking_flattens_every_number_of_a_round():
     from fedsoda.federated.tracking import scalars
 

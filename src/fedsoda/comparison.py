@@ -39,14 +39,16 @@ def title(row: str) -> str:
 
 def row_of(summary: dict) -> str:
     """The table row a run belongs to: its method, FedPruner+ apart from FedPruner, and a
-    row of its own for each wire format other than fp32."""
+    row of its own for each wire format other than fp32 and each DP setting."""
     if summary["method"] == "hierfedlora":
         base = variant(len(summary["groups"]), summary["grouping"], summary["tau_setting"],
                        summary["depth_setting"])
     else:
         base = "fedpruner_plus" if summary.get("granularity") == "block" else summary["method"]
-    wire = summary.get("wire", "fp32")
-    return base if wire == "fp32" else f"{base}{WIRE}{wire}"
+    wire, dp = summary.get("wire", "fp32"), summary.get("dp")
+    variants = ([] if wire == "fp32" else [wire]) + (
+        [f"DP clip {dp['clip']:g}, sigma {dp['noise']:g}"] if dp else [])
+    return f"{base}{WIRE}{', '.join(variants)}" if variants else base
 
 
 def read_run(folder: Path | str) -> dict:
