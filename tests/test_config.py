@@ -55,7 +55,7 @@ def test_the_cli_prints_the_key_error_on_one_line(argv, tmp_path, capsys, monkey
     def never(*_args, **_kwargs):
         raise AssertionError("the run must not start")
 
-    monkeypatch.setattr("fedsoda.federated.simulation.simulate", never)
+    monkeypatch.setattr("fedsoda.federated.flower_run.run_with_flwr", never)
     path = tmp_path / "c.toml"
     path.write_text('rounds = "ten"\n')
     argv = [str(path) if arg == "CONFIG" else arg for arg in argv]
@@ -107,7 +107,7 @@ def test_prune_and_plan_flags_default_to_the_designs_settings():
 def test_run_passes_every_flag_into_the_config(tiny_model_dir, shared_data, tmp_path,
                                                monkeypatch):
     seen = []
-    monkeypatch.setattr("fedsoda.federated.simulation.simulate",
+    monkeypatch.setattr("fedsoda.federated.flower_run.run_with_flwr",
                         lambda cfg, resume=False: seen.append(cfg) or {})
     assert cli.main(["run", "--model", str(tiny_model_dir), "--data-dir", str(shared_data),
                      "--out", str(tmp_path / "run"), "--max-tokens", "64",

@@ -44,7 +44,7 @@ def test_hierfedlora_rows_follow_its_settings():
 
 def test_compare_runs_every_method_in_the_papers_order_by_default(tmp_path, monkeypatch, capsys):
     started = []
-    monkeypatch.setattr("fedsoda.federated.simulation.simulate",
+    monkeypatch.setattr("fedsoda.federated.flower_run.run_with_flwr",
                         lambda cfg, resume=False: started.append(cfg.method))
 
     def report(_folders, out):

@@ -23,7 +23,7 @@ def started(monkeypatch):
     def no_weights(*_args, **_kwargs):
         raise AssertionError("weights must not load before the checks pass")
 
-    monkeypatch.setattr("fedsoda.federated.simulation.simulate", simulate)
+    monkeypatch.setattr("fedsoda.federated.flower_run.run_with_flwr", simulate)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_weights)
     return runs
 
@@ -135,7 +135,7 @@ def test_overwrite_empties_the_old_run_folder_first(tiny_model_dir, data, tmp_pa
     (out / "metrics.jsonl").write_text('{"round": 1}\n')
     (out / "notes.txt").write_text("old\n")
     left = []
-    monkeypatch.setattr("fedsoda.federated.simulation.simulate",
+    monkeypatch.setattr("fedsoda.federated.flower_run.run_with_flwr",
                         lambda cfg, resume=False: left.extend(out.iterdir()) or {})
     assert cli.main(run(tiny_model_dir, data, out, *OK, "--overwrite")) == 0
     assert out.is_dir() and left == []

@@ -23,6 +23,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from fedsoda import progress_feed
+
 _shared: Progress | None = None  # the live display of a run, when one is showing
 
 Advance = Callable[..., None]  # advance(done, total=None): how far the phase has come
@@ -44,6 +46,10 @@ def share(progress: Progress | None) -> None:
 @contextmanager
 def phase(name: str, total: int, unit: str = "steps") -> Iterator[Advance]:
     """A bar for ``name`` over ``total`` ``unit``; yields ``advance(done, total=None)``."""
+    if progress_feed.active():  # the server runs in a process of Flower's: `fedsoda run` draws
+        with _fed_phase(name, total, unit) as advance:
+            yield advance
+        return
     began = time.perf_counter()
     own = _shared is None
     progress = Progress(*columns(), transient=True) if own else _shared
@@ -60,4 +66,27 @@ def phase(name: str, total: int, unit: str = "steps") -> Iterator[Advance]:
         progress.remove_task(task)
         if own:
             progress.stop()
-    print(f"[fedsoda] {name}: {total} {unit} in {time.perf_counter() - began:.1f} s", flush=True)
+    print(ended(name, total, unit, began), flush=True)
+
+
+def ended(name: str, total: int, unit: str, began: float) -> str:
+    return f"[fedsoda] {name}: {total} {unit} in {time.perf_counter() - began:.1f} s"
+
+
+@contextmanager
+def _fed_phase(name: str, total: int, unit: str) -> Iterator[Advance]:
+    """``phase`` as events of the progress feed."""
+    began = time.perf_counter()
+    progress_feed.emit("start", name=name, description=f"[fedsoda] {name}", total=total,
+                       status=unit)
+
+    def advance(done: int, new_total: int | None = None) -> None:
+        progress_feed.emit("advance", name=name, done=done, total=new_total)
+
+    try:
+        yield advance
+    finally:
+        progress_feed.emit("end", name=name)
+    line = ended(name, total, unit, began)
+    progress_feed.emit("line", line=line)
+    print(line, flush=True)  # Flower's log of the run keeps it too

@@ -69,7 +69,7 @@ def compare_command(args: argparse.Namespace) -> list[dict]:
             if differ:
                 raise ValueError(f"{folder} holds a run with other settings ({'; '.join(differ)}); "
                                  "delete that folder or compare into another --out")
-    from fedsoda.federated.simulation import simulate  # flwr and ray load only now
+    from fedsoda.federated.flower_run import run_with_flwr  # flwr loads only now
 
     for folder, cfg in plans:
         if (folder / "summary.json").exists():
@@ -78,7 +78,7 @@ def compare_command(args: argparse.Namespace) -> list[dict]:
         resume = (folder / "checkpoint").exists()
         print(f"[fedsoda] {'resuming' if resume else 'running'} {cfg.method} seed {cfg.seed} "
               f"-> {folder}", flush=True)
-        simulate(load_config(folder / "config.toml") if resume else cfg, resume=resume)
+        run_with_flwr(load_config(folder / "config.toml") if resume else cfg, resume=resume)
     rows = write_report([folder for folder, _ in plans], out)
     print((out / "table.md").read_text())
     return rows

@@ -1,4 +1,5 @@
-"""`fedsoda run`: resolve and check the config, then run the apps in the simulation engine.
+"""`fedsoda run`: resolve and check the config, then run the apps in Flower's simulation
+engine through a local SuperLink and `flwr run` (``fedsoda.federated.flower_run``).
 
 Everything that can be checked is checked before Ray starts or any weights load (``preflight``):
 the config, the pruning settings against the model's config.json, every row of the task's data
@@ -51,9 +52,9 @@ def run_command(args: argparse.Namespace) -> dict:
     preflight(cfg, resume=bool(args.resume), overwrite=args.overwrite)
     if args.overwrite:
         clear_run(Path(cfg.out))
-    from fedsoda.federated.simulation import simulate  # flwr and ray load only now
+    from fedsoda.federated.flower_run import run_with_flwr  # flwr loads only now
 
-    summary = simulate(cfg, resume=bool(args.resume))
+    summary = run_with_flwr(cfg, resume=bool(args.resume))
     print(json.dumps(summary, indent=2))
     return summary
 

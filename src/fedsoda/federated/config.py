@@ -77,6 +77,12 @@ class RunConfig:
     # The same figures to Weights & Biases (optional extra '.[wandb]'): "" off, "offline"
     # (no network; RUN/wandb, `wandb sync` uploads it later) or "online".
     wandb: str = ""
+    # Flower's simulation engine (`fedsoda run`; `flwr run .` takes them as its federation
+    # config): Ray resources of one client, and the CPUs Ray may use, so sim_cpus / client_cpus
+    # clients train at once. On a GPU machine client_gpus = 0.5 puts two clients on a GPU.
+    client_cpus: int = 1
+    client_gpus: float = 0.0
+    sim_cpus: int = 2
     prune: PruneSettings = field(default_factory=PruneSettings)
     align: AlignSettings = field(default_factory=AlignSettings)
     fedpruner: FedPrunerSettings = field(default_factory=FedPrunerSettings)
@@ -103,6 +109,9 @@ class RunConfig:
             raise ValueError(f"lr must be > 0 and mu >= 0, got lr={self.lr} mu={self.mu}")
         if self.wandb not in WANDB_MODES:
             raise ValueError(f"wandb must be one of {', '.join(map(repr, WANDB_MODES))}, got {self.wandb!r}")
+        if self.client_cpus <= 0 or self.client_gpus < 0 or self.sim_cpus < self.client_cpus:
+            raise ValueError(f"need client_cpus > 0, client_gpus >= 0 and sim_cpus >= client_cpus, "
+                             f"got {self.client_cpus}, {self.client_gpus} and {self.sim_cpus}")
         if self.round_timeout < 0 or self.min_replies < 1:
             raise ValueError(f"round_timeout must be >= 0 (0: none) and min_replies >= 1, got "
                              f"{self.round_timeout} and {self.min_replies}")

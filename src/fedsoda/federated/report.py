@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import ArrayRecord
 
-from fedsoda import phases
+from fedsoda import phases, progress_feed
 from fedsoda.federated.dp import epsilon
 from fedsoda.federated.messages import blobs_record, record_bytes, record_params, to_record
 from fedsoda.methods.fedpruner import selection_counts
@@ -78,34 +78,51 @@ class RunProgress:
     """A live bar over the rounds showing clients, loss, accuracy and bytes sent so far.
 
     Each finished round is also printed as a plain line above the bar, so the log of a run
-    without a terminal (CI, a file) still has every figure.
+    without a terminal (CI, a file) still has every figure. With a progress feed
+    (``fedsoda.progress_feed``: the server runs in a process of Flower's) the bar is drawn by
+    the process that reads the feed.
     """
 
     def __init__(self, method: str, rounds: int, done: int, sent_bytes: int = 0) -> None:
         from rich.progress import Progress
 
-        self.sent = sent_bytes
-        self.progress = Progress(*phases.columns())
-        self.task = self.progress.add_task(f"[bold]{method}[/bold] rounds", total=rounds,
-                                           completed=done, status="waiting for the first round")
+        self.sent, self.feed = sent_bytes, progress_feed.active()
+        self.start = {"description": f"[bold]{method}[/bold] rounds", "total": rounds,
+                      "done": done, "status": "waiting for the first round"}
+        self.progress = None if self.feed else Progress(*phases.columns())
+        if self.progress is not None:
+            self.task = self.progress.add_task(
+                self.start["description"], total=rounds, completed=done,
+                status=self.start["status"])
 
     def __enter__(self) -> RunProgress:
+        if self.progress is None:
+            progress_feed.emit("start", name="rounds", **self.start)
+            return self
         self.progress.start()
         phases.share(self.progress)  # evaluation bars become rows of this display
         return self
 
     def __exit__(self, *exc) -> None:
+        if self.progress is None:
+            progress_feed.emit("end", name="rounds")
+            return
         phases.share(None)
         self.progress.stop()
 
     def round_done(self, log: RoundLog, entry: dict) -> None:
         self.sent += entry["bytes_down"] + entry["bytes_up"]
-        self.progress.console.print(log.line(entry), markup=False, highlight=False, soft_wrap=True)
         accuracy = f"{entry['accuracy']:.4f}" if "accuracy" in entry else "-"
         loss = f"{entry['train_loss']:.3f}" if entry["train_loss"] is not None else "-"
-        self.progress.update(self.task, completed=entry["round"], status=(
-            f"clients {log.accepted} | loss {loss} | accuracy {accuracy} | "
-            f"sent {self.sent / 2**20:.1f} MiB"))
+        status = (f"clients {log.accepted} | loss {loss} | accuracy {accuracy} | "
+                  f"sent {self.sent / 2**20:.1f} MiB")
+        if self.progress is None:
+            print(log.line(entry), flush=True)  # Flower's log of the run keeps it too
+            progress_feed.emit("advance", name="rounds", done=entry["round"], status=status,
+                               line=log.line(entry))
+            return
+        self.progress.console.print(log.line(entry), markup=False, highlight=False, soft_wrap=True)
+        self.progress.update(self.task, completed=entry["round"], status=status)
 
 
 def plot_curve(metrics: list[dict], path: Path, title: str) -> None:

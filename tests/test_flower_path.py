@@ -1,0 +1,96 @@
+"""`fedsoda run` goes through Flower's supported path (a SuperLink of its own and `flwr run`),
+and gives what the in-process engine the fault tests use gives: the same adapter, bit for bit,
+and the same metrics, with no deprecation warning and the server's progress drawn here."""
+
+import json
+
+import pytest
+
+from fedsoda import cli, progress_feed
+from fedsoda.federated.config import load_config
+from fedsoda.federated.simulation import simulate
+
+TINY = ["clients=2", "clients_per_round=2", "rounds=2", "realign_every=1", "eval_every=1",
+        "local_steps=2", "batch_size=4", "lr=1e-3", "max_tokens=48", "eval_limit=16",
+        "prune.n=2", "prune.p=2", "prune.adapter_layers=2", "prune.samples=8", "prune.seq_len=32",
+        "align.samples=16", "align.heldout=8", "align.seq_len=32", "align.batch_size=8",
+        "align.realign_samples=8", "tensorboard=false"]
+
+
+def metrics_without_times(out) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_fedsoda_run_on_a_superlink_gives_the_in_process_adapter(
+        tiny_model_dir, shared_data, tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("FEDSODA_CACHE", str(tmp_path / "cache-flwr"))  # clients start empty
+    argv = ["run", "--model", str(tiny_model_dir), "--data-dir", str(shared_data),
+            "--out", str(tmp_path / "flwr")]
+    assert cli.main([*argv, *(item for pair in TINY for item in ("--set", pair))]) == 0
+    shown = capfd.readouterr()
+    monkeypatch.setenv("FEDSODA_CACHE", str(tmp_path / "cache-embedded"))
+    simulate(load_config(None, [*TINY, f"model={tiny_model_dir}", f"data_dir={shared_data}",
+                                f"out={tmp_path / 'embedded'}"]))
+
+    adapter = "adapter/adapter_model.safetensors"
+    assert ((tmp_path / "flwr" / adapter).read_bytes()
+            == (tmp_path / "embedded" / adapter).read_bytes())
+    assert metrics_without_times(tmp_path / "flwr") == metrics_without_times(tmp_path / "embedded")
+    output = shown.out + shown.err
+    assert "deprecated" not in output.lower(), output
+    # The server ran in a process of the SuperLink's, and its phases and rounds came back.
+    for line in ("[fedsoda] pre-alignment: 2 steps in", "[fedsoda] round 2: clients 2 accepted"):
+        assert line in output, output
+    assert "Flower SuperLink" in (tmp_path / "flwr" / "flower.log").read_text()
+
+
+def test_a_run_that_fails_in_flower_says_so_with_its_log(tiny_model_dir, shared_data, tmp_path,
+                                                         monkeypatch):
+    """What Flower's CLI reports (here: a federation config it refuses) ends the run with an
+    error naming the log, and the SuperLink it started is gone."""
+    from fedsoda.federated import flower_run
+
+    started = []
+    real_popen = flower_run.subprocess.Popen
+    monkeypatch.setattr(flower_run.subprocess, "Popen",
+                        lambda *a, **k: started.append(real_popen(*a, **k)) or started[-1])
+    monkeypatch.setattr(flower_run, "federation_config", lambda cfg: "num-supernodes=two")
+    cfg = load_config(None, [*TINY, f"model={tiny_model_dir}", f"data_dir={shared_data}",
+                             f"out={tmp_path / 'run'}"])
+    with pytest.raises(RuntimeError, match="the run failed; Flower's log of it: .*flower.log"):
+        flower_run.run_with_flwr(cfg)
+    link = started[0]  # the SuperLink (then `flwr run`, through subprocess.run)
+    assert "flower-superlink" in link.args[0] and link.poll() is not None
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_the_mirror_draws_what_the_server_sent(tmp_path, monkeypatch, capsys):
+    """Events written through the feed (as the server writes them) are drawn by the reader:
+    phase and round lines printed once each, in order; a half-written line waits."""
+    feed = tmp_path / "progress.jsonl"
+    monkeypatch.setenv(progress_feed.ENV, str(feed))
+    from fedsoda import phases
+
+    mirror = progress_feed.Mirror(feed, poll=60)  # read by hand below
+    with phases.phase("teacher cache", 3, "batches") as advance:
+        advance(1)
+        advance(2)  # within 0.5 s of the first: not written
+    progress_feed.emit("start", name="rounds", description="rounds", total=2, done=0, status="")
+    progress_feed.emit("advance", name="rounds", done=1, status="s", line="[fedsoda] round 1")
+    with open(feed, "a") as handle:
+        handle.write('{"event": "line", "line": "[fedsoda] half')
+    events = [json.loads(line)["event"] for line in feed.read_text().splitlines()[:-1]]
+    assert events == ["start", "advance", "end", "line", "start", "advance"]
+    mirror.read()
+    assert list(mirror.tasks) == ["rounds"]  # the phase ended, the rounds bar goes on
+    assert mirror.progress.tasks[0].completed == 1
+    with open(feed, "a") as handle:
+        handle.write(' written"}\n')
+    mirror.read()
+    printed = capsys.readouterr().out
+    assert printed.index("teacher cache: 3 batches in") < printed.index("[fedsoda] round 1") \
+        < printed.index("[fedsoda] half written")
+    assert printed.count("teacher cache: 3 batches in") == 2  # the server's own print, and ours
