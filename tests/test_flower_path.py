@@ -94,3 +94,26 @@ def test_the_mirror_draws_what_the_server_sent(tmp_path, monkeypatch, capsys):
     assert printed.index("teacher cache: 3 batches in") < printed.index("[fedsoda] round 1") \
         < printed.index("[fedsoda] half written")
     assert printed.count("teacher cache: 3 batches in") == 2  # the server's own print, and ours
+
+
+def test_ctrl_c_stops_the_superlink_and_says_how_to_go_on(tiny_model_dir, shared_data, tmp_path,
+                                                          monkeypatch, capsys):
+    from fedsoda.federated import flower_run
+
+    started = []
+    real_popen = flower_run.subprocess.Popen
+    monkeypatch.setattr(flower_run.subprocess, "Popen",
+                        lambda *a, **k: started.append(real_popen(*a, **k)) or started[-1])
+
+    def interrupted(*_args, **_kwargs):
+        (tmp_path / "run" / "checkpoint").mkdir()  # as if a round had finished
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(flower_run.subprocess, "run", interrupted)
+    argv = ["run", "--model", str(tiny_model_dir), "--data-dir", str(shared_data),
+            "--out", str(tmp_path / "run"), *(x for pair in TINY for x in ("--set", pair))]
+    assert cli.main(argv) == 130
+    assert (f"interrupted; the run stopped (continue it with `fedsoda run --resume "
+            f"{tmp_path / 'run'}`)") in capsys.readouterr().err
+    (link,) = started
+    assert link.poll() is not None

@@ -233,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, KeyError) as error:
         print(f"fedsoda {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as stop:  # Ctrl-C: what stopped, and how to go on (no traceback)
+        print(f"fedsoda {args.command}: {stop or 'interrupted'}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -54,12 +54,17 @@ def run_with_flwr(cfg: RunConfig, resume: bool = False) -> dict:
                  "127.0.0.1", "--port", str(port)],
                 stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
             try:
+                print(f"[fedsoda] Flower's log of this run: {log_path}", flush=True)
                 wait_listening(port, link, log_path)
                 with progress_feed.Mirror(Path(env[progress_feed.ENV])):
                     code = subprocess.run(
                         [str(BIN / "flwr"), "run", str(app), FEDERATION, "--stream",
                          "--federation-config", federation_config(cfg)],
                         stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+            except KeyboardInterrupt:
+                again = (f"continue it with `fedsoda run --resume {out}`"
+                         if (out / "checkpoint").exists() else "it ended before its first round")
+                raise KeyboardInterrupt(f"interrupted; the run stopped ({again})") from None
             finally:
                 stop(link)
     summary = out / "summary.json"
