@@ -8,7 +8,9 @@ The model: NF4 SmolLM2-135M with LoRA on layers 0-2 (the longest backward), B dr
 instead of zero so that every LoRA tensor has a gradient. The batch: 8 SST-2 training prompts
 with their answers. A "client step" is cross-entropy at the answer token, as clients train; an
 "alignment step" is a KL divergence over the 49,152-word vocabulary at every position, as
-pre-alignment. "bf16" is how weights computed before ``fedsoda.surgery.cpu_matmul``.
+pre-alignment. "bf16" is how weights computed before ``fedsoda.surgery.cpu_matmul``;
+"fp32_matmuls_bf16_attention" is float32 matmuls with attention still in bf16 (before the
+module's float32 attention), to measure that part alone.
 """
 
 from __future__ import annotations
@@ -93,7 +95,10 @@ def main() -> None:
             torch.nn.init.normal_(param, std=0.02)
     fours = lambda model: [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]  # noqa: E731
     assert {m.compute_dtype for m in fours(bf16)} == {torch.bfloat16}, "the baseline must be bf16"
-    models = {"bf16": bf16, "fp32_matmuls": cpu_matmul.use_fp32_matmuls(copy.deepcopy(bf16), "cpu"),
+    fp32 = cpu_matmul.use_fp32_matmuls(copy.deepcopy(bf16), "cpu")
+    bf16_attention = copy.deepcopy(fp32)  # float32 matmuls, but attention left in bf16
+    unwrap(bf16_attention).set_attn_implementation("sdpa")
+    models = {"bf16": bf16, "fp32_matmuls": fp32, "fp32_matmuls_bf16_attention": bf16_attention,
               "float32_reference": float32_reference(bf16)}
     rows = {}
     for kind in ("client", "alignment"):
@@ -105,12 +110,18 @@ def main() -> None:
                 times[mode].append(time.perf_counter() - start)
         ref, median = grads["float32_reference"], {m: statistics.median(t) for m, t in times.items()}
         rows[kind] = {"seconds": times, "speedup_median": median["bf16"] / median["fp32_matmuls"],
-                      "grad_cosine_to_reference": {m: cosine(grads[m], ref)
-                                                   for m in ("bf16", "fp32_matmuls")}}
+                      "attention_speedup_median":
+                          median["fp32_matmuls_bf16_attention"] / median["fp32_matmuls"],
+                      "grad_cosine_to_reference": {m: cosine(grads[m], ref) for m in (
+                          "bf16", "fp32_matmuls", "fp32_matmuls_bf16_attention")}}
         print(f"{kind} step: bf16 {statistics.median(times['bf16']):.2f} s, float32 matmuls "
               f"{statistics.median(times['fp32_matmuls']):.2f} s ({rows[kind]['speedup_median']:.1f}x); "
               f"gradient cosine to float32: bf16 {rows[kind]['grad_cosine_to_reference']['bf16']:.5f}, "
               f"float32 matmuls {rows[kind]['grad_cosine_to_reference']['fp32_matmuls']:.5f}")
+        print(f"  of which attention: bf16 attention {median['fp32_matmuls_bf16_attention']:.2f} s "
+              f"against float32 {median['fp32_matmuls']:.2f} s "
+              f"({rows[kind]['attention_speedup_median']:.2f}x); gradient cosine with bf16 "
+              f"attention {rows[kind]['grad_cosine_to_reference']['fp32_matmuls_bf16_attention']:.5f}")
     record = {"cpu": torch.backends.cpu.get_cpu_capability(),
               "native_bf16": cpu_matmul.native_bf16_matmul("cpu"), "threads": torch.get_num_threads(),
               "tokens": list(batch["input_ids"].shape), **rows}

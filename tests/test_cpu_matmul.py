@@ -89,3 +89,35 @@ def test_the_environment_can_turn_it_off_to_compare(no_native_bf16, monkeypatch)
     monkeypatch.setenv("FEDSODA_FP32_MATMULS", "0")
     layer = cpu_matmul.use_fp32_matmuls(linear())
     assert "forward" not in vars(layer)
+
+
+def test_the_float32_attention_gives_the_hand_computed_causal_attention():
+    """softmax(q k^T / sqrt(d) + causal mask) v, by hand in float64 from bf16-exact inputs,
+    against the float32 attention's bf16 output (one bf16 rounding apart at most)."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randint(-4, 5, (1, 2, 5, 4), generator=gen).to(torch.bfloat16) / 4
+               for _ in range(3))
+    module = nn.Module()
+    module.is_causal, module.num_key_value_groups, module.training = True, 1, False
+    out, _ = cpu_matmul._fp32_sdpa(module, q, k, v, None, scaling=0.5)
+    scores = q.double() @ k.double().transpose(-1, -2) * 0.5  # d = 4: 1 / sqrt(d)
+    scores = scores.masked_fill(torch.ones(5, 5).triu(1).bool(), float("-inf"))
+    expected = (scores.softmax(-1) @ v.double()).transpose(1, 2)  # [batch, seq, heads, dim]
+    assert out.dtype == torch.bfloat16 and out.shape == (1, 5, 2, 4)
+    assert torch.allclose(out.double(), expected, rtol=2**-8, atol=2**-9)
+
+
+def test_models_switch_to_the_float32_attention_only_without_native_bf16(
+        tiny_model_dir, monkeypatch):
+    from fedsoda.models import load
+
+    for native, expected in ((True, "sdpa"), (False, cpu_matmul.ATTENTION)):
+        monkeypatch.setattr(cpu_matmul, "native_bf16_matmul", lambda device="cpu", native=native: native)
+        model, tokenizer = load(str(tiny_model_dir), dtype=torch.bfloat16)
+        model.config._attn_implementation_internal = "sdpa"
+        cpu_matmul.use_fp32_matmuls(model)
+        assert model.config._attn_implementation == expected
+        model.get_input_embeddings().weight.requires_grad_(True)
+        batch = tokenizer(["a b c", "a"], return_tensors="pt", padding=True)
+        model(**batch).logits.float().sum().backward()  # padded batch: the mask path too
+        assert model.get_input_embeddings().weight.grad.abs().sum() > 0

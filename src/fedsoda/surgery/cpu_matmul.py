@@ -12,6 +12,11 @@ not change) and computes each frozen bf16 linear in float32 from a float32 copy 
 ``CHUNK_BYTES`` of its rows at a time; 4-bit layers dequantize to float32 instead of bf16.
 Outputs are rounded back to the input's dtype, as the bf16 kernels round theirs, so
 activations keep their dtype and size.
+
+Attention has the same problem: the backward of PyTorch's CPU flash attention is several
+times slower in bf16 than in float32 there. ``use_fp32_matmuls`` therefore also switches the
+model to ``ATTENTION`` (registered with transformers' AttentionInterface): transformers' own
+SDPA attention, given float32 queries, keys and values, its output rounded back.
 """
 
 from __future__ import annotations
@@ -23,8 +28,12 @@ import bitsandbytes as bnb
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 CHUNK_BYTES = 16 * 2**20  # float32 rows of a weight materialised at once (LM head: 8 chunks)
+ATTENTION = "fedsoda_fp32_sdpa"
 
 
 def native_bf16_matmul(device: str | torch.device = "cpu") -> bool:
@@ -73,6 +82,28 @@ def _fp32_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return _Fp32Linear.apply(x, self.weight, self.bias)
 
 
+def _fp32_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | None, **kwargs):
+    """transformers' SDPA attention in float32 (see the module docstring)."""
+    if attention_mask is not None and attention_mask.is_floating_point():
+        attention_mask = attention_mask.float()
+    out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(),
+                                          attention_mask, **kwargs)
+    return out.to(query.dtype), weights
+
+
+AttentionInterface.register(ATTENTION, _fp32_sdpa)
+AttentionMaskInterface.register(ATTENTION, sdpa_mask)  # masks as SDPA takes them
+
+
+def _use_fp32_attention(model: nn.Module) -> None:
+    """Every transformers model inside ``model`` that computes attention with SDPA."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if isinstance(module, PreTrainedModel) and config._attn_implementation == "sdpa":
+            module.set_attn_implementation(ATTENTION)
+
+
 def use_fp32_matmuls(model: nn.Module, device: str | torch.device = "cpu") -> nn.Module:
     """Compute ``model``'s 16-bit and 4-bit linears in float32 where ``device`` lacks native
     bf16 matmuls (see the module docstring); a no-op elsewhere, or where the environment sets
@@ -86,4 +117,5 @@ def use_fp32_matmuls(model: nn.Module, device: str | torch.device = "cpu") -> nn
         elif isinstance(module, nn.Linear) and module.weight.dtype in (torch.bfloat16,
                                                                       torch.float16):
             module.forward = types.MethodType(_fp32_forward, module)
+    _use_fp32_attention(model)
     return model
