@@ -18,12 +18,13 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "fedsoda"
 # down: core libraries at the bottom, then the methods, the runtime, the tools, the CLI.
 BELOW_METHODS = {"models", "data", "surgery", "align", "evaluate", "activation_cache",
                  "training", "accounting", "aggregation", "budgets", "schedule", "wire",
-                 "wire_settings", "fidelity", "dp_settings", "phases"}
+                 "wire_settings", "fidelity", "dp_settings", "phases", "progress_feed"}
 ALLOWED: dict[str, set[str]] = {
     "__init__": set(),
     "models": set(),
     "data": set(),
-    "phases": set(),  # progress bars of the long phases: used from the bottom up
+    "progress_feed": set(),  # a server's progress as events, for a process that draws it
+    "phases": {"progress_feed"},  # progress bars of the long phases: used from the bottom up
     "surgery": {"models", "data", "phases"},
     "align": {"models", "data", "surgery", "phases"},
     "evaluate": {"models", "data", "phases"},

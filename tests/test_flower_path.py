@@ -74,7 +74,7 @@ def test_the_mirror_draws_what_the_server_sent(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(progress_feed.ENV, str(feed))
     from fedsoda import phases
 
-    mirror = progress_feed.Mirror(feed, poll=60)  # read by hand below
+    mirror = phases.Mirror(feed, poll=60)  # read by hand below
     with phases.phase("teacher cache", 3, "batches") as advance:
         advance(1)
         advance(2)  # within 0.5 s of the first: not written

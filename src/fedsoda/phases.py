@@ -10,9 +10,12 @@ display rather than a display of its own.
 
 from __future__ import annotations
 
+import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from rich.progress import (
     BarColumn,
@@ -90,3 +93,60 @@ def _fed_phase(name: str, total: int, unit: str) -> Iterator[Advance]:
     line = ended(name, total, unit, began)
     progress_feed.emit("line", line=line)
     print(line, flush=True)  # Flower's log of the run keeps it too
+
+
+class Mirror:
+    """Draws the events of a progress feed (``fedsoda.progress_feed``) written by a server in
+    another process while a run goes: the round bar, a row per phase, and every
+    finished round or phase as a plain line above them (a log without a terminal keeps those).
+    """
+
+    def __init__(self, path: Path, poll: float = 0.25) -> None:
+        self.path, self.poll, self.offset = Path(path), poll, 0
+        self.progress = Progress(*columns())
+        self.tasks: dict[str, int] = {}
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._follow, daemon=True)
+
+    def __enter__(self) -> Mirror:
+        self.progress.start()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopped.set()
+        self.thread.join()
+        self.read()  # what came after the last poll
+        self.progress.stop()
+
+    def _follow(self) -> None:
+        while not self.stopped.wait(self.poll):
+            self.read()
+
+    def read(self) -> None:
+        """Draw the events appended since the last read (whole lines only)."""
+        if not self.path.exists():
+            return
+        with open(self.path, "rb") as handle:
+            handle.seek(self.offset)
+            data = handle.read()
+        complete = data[:data.rfind(b"\n") + 1]
+        self.offset += len(complete)
+        for line in complete.decode().splitlines():
+            self.draw(json.loads(line))
+
+    def draw(self, event: dict) -> None:
+        kind, name = event["event"], event.get("name", "")
+        if kind == "start":
+            self.tasks[name] = self.progress.add_task(
+                event["description"], total=event["total"], completed=event.get("done", 0),
+                status=event.get("status", ""))
+        elif kind == "advance" and name in self.tasks:
+            self.progress.update(self.tasks[name], completed=event["done"],
+                                 **({"total": event["total"]} if event.get("total") else {}),
+                                 **({"status": event["status"]} if "status" in event else {}))
+        elif kind == "end" and name in self.tasks:
+            self.progress.remove_task(self.tasks.pop(name))
+        if event.get("line"):
+            self.progress.console.print(event["line"], markup=False, highlight=False,
+                                        soft_wrap=True)

@@ -11,7 +11,8 @@ process of its own. So a run here is:
    no per-run dependency installation: the app runs in this environment), its state in memory;
 3. `flwr run APP local --federation-config ... --stream`, whose output (the ServerApp's and
    the clients' logs) goes to RUN/flower.log, while the server's progress comes back through
-   a feed file (``fedsoda.progress_feed``) and is drawn here with the same bars as before.
+   a feed file (``fedsoda.progress_feed``) and is drawn here with the same bars as before
+   (``fedsoda.phases.Mirror``).
 
 The SuperLink and everything it started are stopped when the run ends, fails or is interrupted.
 """
@@ -26,11 +27,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import tomli_w
 
-from fedsoda import __version__, progress_feed
+from fedsoda import phases, progress_feed
 from fedsoda.federated.config import RunConfig
 
 BIN = Path(sys.executable).parent  # flwr and flower-superlink of this environment
@@ -56,7 +58,7 @@ def run_with_flwr(cfg: RunConfig, resume: bool = False) -> dict:
             try:
                 print(f"[fedsoda] Flower's log of this run: {log_path}", flush=True)
                 wait_listening(port, link, log_path)
-                with progress_feed.Mirror(Path(env[progress_feed.ENV])):
+                with phases.Mirror(Path(env[progress_feed.ENV])):
                     code = subprocess.run(
                         [str(BIN / "flwr"), "run", str(app), FEDERATION, "--stream",
                          "--federation-config", federation_config(cfg)],
@@ -78,7 +80,7 @@ def write_app(folder: Path, cfg: RunConfig, resume: bool) -> Path:
     """A Flower app whose run config is ``cfg`` (and ``resume``), running this package."""
     folder.mkdir()
     project = {
-        "project": {"name": "fedsoda-run", "version": __version__,
+        "project": {"name": "fedsoda-run", "version": version("fedsoda"),
                     "description": "a fedsoda run", "license": "Apache-2.0"},
         "tool": {"flwr": {"app": {
             "publisher": "fedsoda",
