@@ -17,6 +17,7 @@ cache), so memory should grow only with the LoRA and data each client adds.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import threading
 import time
@@ -61,7 +62,7 @@ def one(count: int, args, folder: Path) -> dict:
     sampler.start()
     start_peak_window()  # VmHWM from here: each count's own peak
     began = time.perf_counter()
-    summary = simulate(cfg, parallel_clients=args.parallel)
+    summary = simulate(dataclasses.replace(cfg, sim_cpus=args.parallel))
     wall = time.perf_counter() - began
     sampler.running = False
     sampler.join()

@@ -9,17 +9,7 @@ import pytest
 from fedsoda import cli, progress_feed
 from fedsoda.federated.config import load_config
 from fedsoda.federated.simulation import simulate
-
-TINY = ["clients=2", "clients_per_round=2", "rounds=2", "realign_every=1", "eval_every=1",
-        "local_steps=2", "batch_size=4", "lr=1e-3", "max_tokens=48", "eval_limit=16",
-        "prune.n=2", "prune.p=2", "prune.adapter_layers=2", "prune.samples=8", "prune.seq_len=32",
-        "align.samples=16", "align.heldout=8", "align.seq_len=32", "align.batch_size=8",
-        "align.realign_samples=8", "tensorboard=false"]
-
-
-def metrics_without_times(out) -> list[dict]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+from test_flwr_run import TINY, metrics_without_times
 
 
 @pytest.mark.slow

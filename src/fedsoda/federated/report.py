@@ -86,10 +86,10 @@ class RunProgress:
     def __init__(self, method: str, rounds: int, done: int, sent_bytes: int = 0) -> None:
         from rich.progress import Progress
 
-        self.sent, self.feed = sent_bytes, progress_feed.active()
+        self.sent = sent_bytes
         self.start = {"description": f"[bold]{method}[/bold] rounds", "total": rounds,
                       "done": done, "status": "waiting for the first round"}
-        self.progress = None if self.feed else Progress(*phases.columns())
+        self.progress = None if progress_feed.active() else Progress(*phases.columns())
         if self.progress is not None:
             self.task = self.progress.add_task(
                 self.start["description"], total=rounds, completed=done,
@@ -116,12 +116,13 @@ class RunProgress:
         loss = f"{entry['train_loss']:.3f}" if entry["train_loss"] is not None else "-"
         status = (f"clients {log.accepted} | loss {loss} | accuracy {accuracy} | "
                   f"sent {self.sent / 2**20:.1f} MiB")
+        line = log.line(entry)
         if self.progress is None:
-            print(log.line(entry), flush=True)  # Flower's log of the run keeps it too
+            print(line, flush=True)  # Flower's log of the run keeps it too
             progress_feed.emit("advance", name="rounds", done=entry["round"], status=status,
-                               line=log.line(entry))
+                               line=line)
             return
-        self.progress.console.print(log.line(entry), markup=False, highlight=False, soft_wrap=True)
+        self.progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
         self.progress.update(self.task, completed=entry["round"], status=status)
 
 

@@ -21,8 +21,7 @@ from fedsoda.federated.config import RunConfig
 from fedsoda.federated.server_app import run_server
 
 
-def simulate(cfg: RunConfig, resume: bool = False, parallel_clients: int | None = None,
-             clients: ClientApp = client_app) -> dict:
+def simulate(cfg: RunConfig, resume: bool = False, clients: ClientApp = client_app) -> dict:
     """Run ``cfg`` with ``cfg.clients`` virtual SuperNodes on this machine; returns the summary."""
     summary: dict = {}
     server_app = ServerApp()
@@ -36,7 +35,7 @@ def simulate(cfg: RunConfig, resume: bool = False, parallel_clients: int | None 
         server_app=server_app, client_app=clients, num_supernodes=cfg.clients,
         backend_config={"client_resources": {"num_cpus": cfg.client_cpus,
                                              "num_gpus": cfg.client_gpus},
-                        "init_args": {"num_cpus": parallel_clients or cfg.sim_cpus,
+                        "init_args": {"num_cpus": cfg.sim_cpus,
                                       "num_gpus": 1 if cfg.client_gpus else 0,
                                       "log_to_driver": True, "include_dashboard": False}})
     if not summary:

@@ -99,8 +99,7 @@ AttentionMaskInterface.register(ATTENTION, sdpa_mask)  # masks as SDPA takes the
 def _use_fp32_attention(model: nn.Module) -> None:
     """Every transformers model inside ``model`` that computes attention with SDPA."""
     for module in model.modules():
-        config = getattr(module, "config", None)
-        if isinstance(module, PreTrainedModel) and config._attn_implementation == "sdpa":
+        if isinstance(module, PreTrainedModel) and module.config._attn_implementation == "sdpa":
             module.set_attn_implementation(ATTENTION)
 
 
