@@ -4,10 +4,12 @@ Expected numbers are worked out by hand below each case; the calibration test on
 model measures a third peak in its own fresh process and compares it with the prediction.
 """
 
+import subprocess
+
 import pytest
 from transformers import AutoConfig
 
-from fedsoda import budgets
+from fedsoda import accounting, budgets
 from fedsoda.budgets import (
     MemoryModel,
     analytic,
@@ -176,6 +178,29 @@ def test_calibration_on_the_tiny_model_predicts_a_third_measured_peak(
     (k2, peak2) = memory.points[1]
     assert memory.layers_for(peak2 + 1024, 10) >= k2
     assert memory.layers_for(round(1.10 * measured), 10) >= 5
+
+
+def test_memory_probes_run_with_the_allocator_pinned_and_timing_probes_do_not(monkeypatch):
+    # glibc's adaptive mmap threshold makes peak RSS depend on the allocator's history
+    # (fedsoda.accounting's docstring); the memory probes pin it, the timing probe must not.
+    seen = []
+
+    def fake_run(command, capture_output, text, check, env):
+        seen.append((command[2], env))
+        return subprocess.CompletedProcess(command, 0, '{"peak_bytes": 5, "seconds": 1}\n', "")
+
+    monkeypatch.setattr(accounting.subprocess, "run", fake_run)
+    monkeypatch.setenv("FEDSODA_MARK", "kept")
+    assert accounting.client_peak_memory("F", "sst2", 8, 64, None, layers=[0, 2]) == 5
+    assert accounting.similarity_peak_memory("F", "sst2", 16, 64, None) == 5
+    monkeypatch.setattr("fedsoda.surgery.layered.folder_num_layers", lambda folder: 4)
+    accounting.depth_cost("F", "sst2", 8, 64, None, depth=2)
+    (probe, memory), (_, similarity), (_, timing) = seen
+    assert probe == "fedsoda.accounting"
+    for env in (memory, similarity):
+        assert env["MALLOC_MMAP_THRESHOLD_"] == "131072" == env["MALLOC_TRIM_THRESHOLD_"]
+        assert env["FEDSODA_MARK"] == "kept"  # the rest of the environment goes along
+    assert timing is None  # inherits this process's environment unchanged
 
 
 def test_calibrate_blocks_measures_each_kind_at_two_scales(tmp_path, monkeypatch):

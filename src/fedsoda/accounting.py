@@ -4,6 +4,19 @@ On CPU: the process's peak RSS over the training steps minus its RSS after impor
 loading (so the interpreter, libraries and the parsed data set do not count); the model's
 weights do. ``fedsoda.benchmark`` measures the same way for ``fedsoda bench``.
 On CUDA: ``torch.cuda.max_memory_allocated``.
+
+Memory probes run with glibc's allocator pinned (``PINNED_ALLOCATOR``: a fixed 128 KiB
+mmap threshold, so every large tensor is mapped on allocation and unmapped on free). With
+glibc's defaults the threshold adapts upward after the first frees and freed activations stay
+in fragmented heaps, so peak RSS measures the allocator's history rather than the step: on
+SmolLM2-135M (batch 8, 256 tokens, this 2-core CPU) the same 5-MLP-block step peaked at 209
+and 274 MiB in two runs, a full-model step at 1,078 MiB after 2 steps and 1,282 MiB after 10,
+and block costs did not add up (3 attention + 5 MLP blocks 65 MiB above 5 + 3). Pinned, the
+full-model step peaks at 898 MiB after 4 and 10 steps alike, repeated runs agree within
+~1 MiB, and attention and MLP blocks add up (``fedsoda.budgets.fit_blocks``). A device that
+must hold a budget runs its client this way (``docs/deployment.md``); it costs step time
+(6.8 s against 3.2 s on the full model here), which is why the simulation's clients and the
+timing probes (``depth_cost``, ``fedsoda bench``) keep glibc's defaults.
 Run as ``python -m fedsoda.accounting --folder SUBLLM --task sst2`` it prints JSON.
 """
 
@@ -11,10 +24,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
 from pathlib import Path
+
+# glibc reads these at process start; elsewhere they are ignored (macOS: peaks as measured).
+PINNED_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+
+
+def pinned_env() -> dict:
+    """This process's environment with the allocator pinned, for a memory probe's child."""
+    return {**os.environ, **PINNED_ALLOCATOR}
 
 
 def _status_bytes(field: str) -> int:
@@ -78,7 +100,7 @@ def client_peak_memory(folder: Path | str, task: str, batch_size: int, max_token
         arguments += ["--blocks", ",".join(blocks)]
     if data_dir:
         arguments += ["--data-dir", str(data_dir)]
-    return int(run_probe("fedsoda.accounting", arguments, "memory probe")["peak_bytes"])
+    return int(run_probe("fedsoda.accounting", arguments, "memory probe", pinned_env())["peak_bytes"])
 
 
 def depth_cost(folder: Path | str, task: str, batch_size: int, max_tokens: int,
@@ -111,7 +133,8 @@ def similarity_peak_memory(folder: Path | str, task: str, samples: int, max_toke
         arguments.append("--units")
     if data_dir:
         arguments += ["--data-dir", str(data_dir)]
-    return int(run_probe("fedsoda.accounting", arguments, "similarity memory probe")["peak_bytes"])
+    return int(run_probe("fedsoda.accounting", arguments, "similarity memory probe",
+                             pinned_env())["peak_bytes"])
 
 
 def _similarity(args: argparse.Namespace, examples, pad: int) -> None:

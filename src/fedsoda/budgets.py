@@ -160,11 +160,11 @@ def calibrate_blocks(folder: Path | str, task: str, batch_size: int, max_tokens:
     n = _num_layers(folder)
     small = default_sizes(n)[0]
     points = []
-    for keep, k in (("attn+mlp", n), ("mlp", small), ("mlp", n), ("attn", small), ("attn", n)):
-        layers = spread_layers(k, n)
+    for k_attn, k_mlp in ((n, n), (0, small), (0, n), (small, 0), (n, 0)):
+        layers, blocks = spread_blocks(k_attn, k_mlp, n)
         peak = client_peak_memory(folder, task, batch_size, max_tokens, data_dir,
-                                  layers=layers, blocks=[keep] * k)
-        points.append((k * ("attn" in keep), k * ("mlp" in keep), peak))
+                                  layers=layers, blocks=blocks)
+        points.append((k_attn, k_mlp, peak))
     return fit_blocks(points, headroom)
 
 
@@ -195,6 +195,18 @@ def spread_layers(k: int, num_layers: int) -> list[int]:
     if not 1 <= k <= num_layers:
         raise ValueError(f"a client model has 1..{num_layers} layers, got {k}")
     return [(2 * i + 1) * num_layers // (2 * k) for i in range(k)]
+
+
+def spread_blocks(k_attn: int, k_mlp: int, num_layers: int) -> tuple[list[int], list[str]]:
+    """A client model of ``k_attn`` attention and ``k_mlp`` MLP blocks, each kind evenly spread
+    (``spread_layers``): its full-model layers and per layer the blocks it keeps, as
+    ``fedsoda.accounting.client_peak_memory`` takes them. A step's peak depends on the counts,
+    not on which layers (every layer has the same size)."""
+    attn = set(spread_layers(k_attn, num_layers)) if k_attn else set()
+    mlp = set(spread_layers(k_mlp, num_layers)) if k_mlp else set()
+    layers = sorted(attn | mlp)
+    return layers, ["attn+mlp" if i in attn and i in mlp else "attn" if i in attn else "mlp"
+                    for i in layers]
 
 
 def measure_peak(folder: Path | str, k: int, task: str, batch_size: int, max_tokens: int,
