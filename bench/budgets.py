@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from pathlib import Path
 from transformers import AutoConfig
 
 from fedsoda.budgets import MemoryModel, MiB, analytic, calibrate, measure_peak
-from fedsoda.data.task import IGNORE_INDEX, EncodedExamples, load_rows
+from fedsoda.data.task import IGNORE_INDEX, load_rows, widest_examples
 from fedsoda.data.tasks import get_task
 from fedsoda.models import load, num_layers
 from fedsoda.surgery.layered import save_layered
@@ -38,17 +37,14 @@ def mib(value: float) -> float:
 
 
 def probe_batch_shape(tokenizer, task_name: str, batch_size: int, max_tokens: int,
-                      data_dir: str | None, steps: int = 2) -> tuple[int, int]:
-    """Padded length and labelled tokens per example of the widest batch the probe draws:
-    the same rows and draws as ``fedsoda.accounting`` (``local_train``, seed 0)."""
+                      data_dir: str | None) -> tuple[int, int]:
+    """Padded length and labelled tokens per example of the batch the memory probe trains
+    on: the evaluation split's widest (``fedsoda.data.task.widest_examples``)."""
     task = get_task(task_name)
-    rows = load_rows(task, task.eval_split, data_dir)[: batch_size * 4]
-    examples = EncodedExamples(task, rows, tokenizer, max_tokens)
-    rng = random.Random(0)
-    batches = [rng.sample(range(len(examples)), min(batch_size, len(examples))) for _ in range(steps)]
-    width = max(len(examples[i]["input_ids"]) for picks in batches for i in picks)
-    labelled = max(sum(label != IGNORE_INDEX for label in examples[i]["labels"][1:])
-                   for picks in batches for i in picks)
+    rows = load_rows(task, task.eval_split, data_dir)
+    examples = widest_examples(task, rows, tokenizer, max_tokens, batch_size)
+    width = max(len(example["input_ids"]) for example in examples)
+    labelled = max(sum(label != IGNORE_INDEX for label in example["labels"][1:]) for example in examples)
     return width, labelled
 
 

@@ -3,7 +3,11 @@ and gives what the in-process engine the fault tests use gives: the same adapter
 and the same metrics, with no deprecation warning and the server's progress drawn here."""
 
 import json
+import subprocess
+import sys
+import time
 
+import psutil
 import pytest
 
 from fedsoda import cli, progress_feed
@@ -107,3 +111,33 @@ def test_ctrl_c_stops_the_superlink_and_says_how_to_go_on(tiny_model_dir, shared
             f"{tmp_path / 'run'}`)") in capsys.readouterr().err
     (link,) = started
     assert link.poll() is not None
+
+
+def test_stop_ends_processes_the_superlink_started_in_sessions_of_their_own(tmp_path):
+    """Flower starts its simulation in a new session (a Ctrl-C'd run left it calibrating):
+    stopping the SuperLink must end that process and what it started too."""
+    from fedsoda.federated import flower_run
+
+    pids = tmp_path / "pids"
+    # A stand-in SuperLink: it starts a "simulation" in a session of its own, which starts a
+    # "probe" of its own; each writes its pid and sleeps.
+    script = (
+        "import os, subprocess, sys, time\n"
+        "if len(sys.argv) == 1:\n"
+        "    subprocess.Popen([sys.executable, __file__, 'simulation'], start_new_session=True)\n"
+        "elif sys.argv[1] == 'simulation':\n"
+        "    subprocess.Popen([sys.executable, __file__, 'probe'])\n"
+        f"open({str(pids)!r}, 'a').write(f'{{os.getpid()}}\\n')\n"
+        "time.sleep(600)\n")
+    (tmp_path / "link.py").write_text(script)
+    link = subprocess.Popen([sys.executable, str(tmp_path / "link.py")], start_new_session=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(pids.read_text().split() if pids.exists() else []) < 3:
+        time.sleep(0.1)
+    started = [int(pid) for pid in pids.read_text().split()]
+    assert len(started) == 3
+    flower_run.stop(link)
+    assert link.poll() is not None
+    survivors = [pid for pid in started if psutil.pid_exists(pid)
+                 and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert survivors == []

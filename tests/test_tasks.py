@@ -84,3 +84,27 @@ def test_encoded_examples_are_lazy_and_equal_eager_encoding(tokenizer):
     assert len(lazy) == 5 and not lazy._cache
     assert lazy[3] == encode_for_training(tokenizer, sst2.to_example(rows[3]), 32)
     assert set(lazy._cache) == {3}
+
+
+def test_widest_examples_are_the_longest_rows_then_the_longest_answers(tokenizer):
+    from fedsoda.data.task import widest_examples
+
+    # Sentences of 1, 4, 2, 4 and 3 words (the tiny tokenizer gives these words one token
+    # each): the widest two are rows 1 and 3 (4 words), in row order at equal size.
+    words = [1, 4, 2, 4, 3]
+    rows = [{"sentence": " ".join(["the"] * n), "label": 0} for n in words]
+    lengths = [len(encode_for_training(tokenizer, sst2.to_example(row), 32)["input_ids"])
+               for row in rows]
+    assert lengths[1] == lengths[3] > lengths[4] > lengths[2] > lengths[0]
+    widest = widest_examples(sst2.TASK, rows, tokenizer, 32, 2)
+    assert widest.rows == [rows[1], rows[3]]
+    assert [row["sentence"].count("the") for row in widest_examples(sst2.TASK, rows, tokenizer, 32, 3).rows] \
+        == [4, 4, 3]
+    # GSM8K: at equal length, the row with more answer (labelled) tokens comes first.
+    short, long = ({"question": "the the the the", "answer": "the #### 1"},
+                   {"question": "the the", "answer": "the the the #### 1"})
+    sizes = [encode_for_training(tokenizer, gsm8k.to_example(row), 64, with_eos=True)
+             for row in (short, long)]
+    assert [len(size["input_ids"]) for size in sizes] == [12, 12]
+    assert [sum(label != IGNORE_INDEX for label in size["labels"]) for size in sizes] == [4, 6]
+    assert widest_examples(gsm8k.TASK, [short, long], tokenizer, 64, 1).rows == [long]

@@ -2,7 +2,9 @@
 
 On CPU: the process's peak RSS over the training steps minus its RSS after imports and data
 loading (so the interpreter, libraries and the parsed data set do not count); the model's
-weights do. ``fedsoda.benchmark`` measures the same way for ``fedsoda bench``.
+weights do. A memory probe trains on the evaluation split's widest batch (``--widest``), so
+its peak does not depend on which batches it drew. ``fedsoda.benchmark`` measures
+``fedsoda bench``'s peaks the same way but as a timing run: drawn batches, glibc's defaults.
 On CUDA: ``torch.cuda.max_memory_allocated``.
 
 Memory probes run with glibc's allocator pinned (``PINNED_ALLOCATOR``: a fixed 128 KiB
@@ -88,12 +90,13 @@ def run_probe(module: str, arguments: list[str], what: str, env: dict | None = N
 
 def client_peak_memory(folder: Path | str, task: str, batch_size: int, max_tokens: int,
                        data_dir: str | None, steps: int = 2, layers=None, blocks=None) -> int:
-    """Peak memory of a client training step (fresh process) on the sub-LLM folder ``folder``,
+    """Peak memory of a client training step (fresh process, allocator pinned, on the
+    evaluation split's widest batch) on the sub-LLM folder ``folder``,
     or, with ``layers``, on the client model of those full-model layers of the layered model
     in ``folder`` (``fedsoda.surgery.layered``) with LoRA trained on all of them; ``blocks``
     (one ``Assignment.blocks`` string per layer) drops the blocks they do not keep first."""
     arguments = ["--folder", str(folder), "--task", task, "--batch-size", str(batch_size),
-                 "--max-tokens", str(max_tokens), "--steps", str(steps)]
+                 "--max-tokens", str(max_tokens), "--steps", str(steps), "--widest"]
     if layers is not None:
         arguments += ["--layers", ",".join(str(i) for i in layers)]
     if blocks:
@@ -164,7 +167,7 @@ def _probe(args: argparse.Namespace) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    from fedsoda.data.task import EncodedExamples, load_rows, pad_id
+    from fedsoda.data.task import EncodedExamples, load_rows, pad_id, widest_examples
     from fedsoda.data.tasks import get_task
     from fedsoda.surgery.blocks import drop_blocks
     from fedsoda.surgery.build import open_sub_llm
@@ -178,9 +181,17 @@ def _probe(args: argparse.Namespace) -> dict:
     layered = layers is not None or args.similarity  # a layered folder holds its tokenizer
     tokenizer = AutoTokenizer.from_pretrained(Path(args.folder) / ("" if layered else "model"))
     # Examples of the evaluation split, which the server holds: it never reads clients'
-    # training data, and a step's peak depends only on the examples' form and length.
-    rows = load_rows(task, task.eval_split, args.data_dir)[: args.similarity or args.batch_size * 4]
-    examples = EncodedExamples(task, rows, tokenizer, args.max_tokens)
+    # training data, and a step's peak depends only on the examples' form and length. A
+    # memory probe (--widest) trains on the split's widest batch, every step the same: random
+    # draws made the peak depend on the draws (on SmolLM2 22 MLP blocks peaked 21 MiB higher
+    # after 10 steps than after 2), where a client meets wide batches over its rounds. A
+    # timing probe draws batches from the first rows, as typical steps.
+    rows = load_rows(task, task.eval_split, args.data_dir)
+    if args.widest:
+        examples = widest_examples(task, rows, tokenizer, args.max_tokens, args.batch_size)
+    else:
+        rows = rows[: args.similarity or args.batch_size * 4]
+        examples = EncodedExamples(task, rows, tokenizer, args.max_tokens)
     # The window opens after the data set is read: parsing every training row is not part of
     # a training step, and its transient peak would otherwise count.
     baseline = start_peak_window()
@@ -215,6 +226,8 @@ def main() -> None:
     parser.add_argument("--layers", default=None, help="full-model layers of a layered model")
     parser.add_argument("--blocks", default=None,
                         help="per layer, the blocks it keeps (attn+mlp,mlp,attn); with --layers")
+    parser.add_argument("--widest", action="store_true",
+                        help="train on the evaluation split's widest batch (a memory probe)")
     parser.add_argument("--top", type=int, default=0, metavar="DEPTH",
                         help="with --layers: LoRA and training on the top DEPTH layers only")
     parser.add_argument("--similarity", type=int, default=0, metavar="SAMPLES",

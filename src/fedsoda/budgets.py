@@ -108,9 +108,11 @@ class BlockMemoryModel:
     for a client model holding ``K^A`` attention and ``K^F`` MLP blocks, LoRA on all of them.
 
     ``points`` holds the ``(K^A, K^F, peak bytes)`` dry runs it was fitted to
-    (``calibrate_blocks``); ``headroom`` works as in ``MemoryModel``. The fit is meant to err
-    high: on SmolLM2 a whole layer costs less than its two blocks apart (29 MB against 14 +
-    22 MB), so a plane fitted to single-kind runs over-predicts layers that keep both."""
+    (``calibrate_blocks``); ``headroom`` works as in ``MemoryModel``. The fit errs high: on
+    SmolLM2 (pinned allocator, ``fedsoda.accounting``) a whole layer costs less than its two
+    blocks apart (24.7 MiB against 13.5 + 14.4), so a plane fitted to single-kind runs
+    over-predicts sub-models that mix both kinds, by up to 16% (``bench/block_budgets.py``:
+    every pair a 25% or 50% budget allows measured at or under its prediction)."""
 
     a: float
     b_attn: float  # bytes per attention block (its weights, LoRA, optimizer state, activations)

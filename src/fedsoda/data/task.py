@@ -157,3 +157,18 @@ class EncodedExamples(Sequence):
             self._cache[index] = encode_for_training(self.tokenizer, example, self.max_tokens,
                                                      with_eos=not self.task.is_classification)
         return self._cache[index]
+
+
+def widest_examples(task: Task, rows: list[dict], tokenizer, max_tokens: int,
+                    count: int) -> EncodedExamples:
+    """The ``count`` rows that encode longest (ties: answers with more tokens, then the earlier
+    row): the widest mini-batch these rows can make, for measuring a training step's peak,
+    which grows with the padded length and the labelled tokens."""
+    encoded = EncodedExamples(task, rows, tokenizer, max_tokens)
+
+    def size(index: int) -> tuple[int, int]:
+        example = encoded[index]
+        return len(example["input_ids"]), sum(label != IGNORE_INDEX for label in example["labels"])
+
+    widest = sorted(range(len(rows)), key=lambda index: (*(-x for x in size(index)), index))[:count]
+    return EncodedExamples(task, [rows[index] for index in widest], tokenizer, max_tokens)

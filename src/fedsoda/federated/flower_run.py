@@ -30,6 +30,7 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
+import psutil
 import tomli_w
 
 from fedsoda import phases, progress_feed
@@ -131,17 +132,37 @@ def wait_listening(port: int, link: subprocess.Popen, log: Path, seconds: float 
 
 
 def stop(link: subprocess.Popen) -> None:
-    """The SuperLink and the processes it started (its session): TERM, then KILL."""
-    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(link.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            link.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    """The SuperLink and every process under it: TERM, then KILL what is left after 30 s.
+
+    Flower starts the simulation process in a session of its own, and it starts Ray and
+    fedsoda's memory probes, so TERM to the SuperLink's process group alone left a simulation
+    busy calibrating for minutes after Ctrl-C. The tree is read before anything is killed
+    (an orphan's parent is gone) and again before KILL (children started meanwhile)."""
+    family = _tree(link.pid)
+    for process in family:
+        _signal(process, signal.SIGTERM)
+    _, alive = psutil.wait_procs(family, timeout=30)
+    alive += [child for process in alive for child in _tree(process.pid)[1:] if child not in alive]
+    for process in alive:
+        _signal(process, signal.SIGKILL)
+    psutil.wait_procs(alive, timeout=10)
+    link.poll()  # reaps the SuperLink
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    """``pid`` and all its descendants, as they are now."""
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _signal(process: psutil.Process, sig: int) -> None:
+    try:
+        process.send_signal(sig)
+    except psutil.NoSuchProcess:
+        pass
 
 
 def failed(log: Path) -> bool:
