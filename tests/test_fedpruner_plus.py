@@ -145,6 +145,28 @@ def test_clients_get_layers_without_some_blocks_and_a_dropped_blocks_lora_stays(
     assert summary["client_peak_memory_bytes"] == max(e["peak_bytes"] for e in entries.values())
 
 
+def test_a_shape_the_calibration_measured_is_not_measured_again(monkeypatch):
+    # The full model's calibration run defines a 100% budget; a second measurement of the
+    # same step would set those clients against its run-to-run spread.
+    import types
+
+    import fedsoda.accounting
+    from fedsoda.methods.fedpruner import _block_peaks
+
+    measured = []
+    monkeypatch.setattr(fedsoda.accounting, "client_peak_memory",
+                        lambda *a, **k: measured.append(k["blocks"]) or 7 * MiB)
+    server = types.SimpleNamespace(folder="F", notes={"block_memory_model": {"points": [
+        [2, 2, 50 * MiB], [0, 1, 20 * MiB], [0, 2, 30 * MiB], [1, 0, 15 * MiB], [2, 0, 25 * MiB]]}})
+    cfg = types.SimpleNamespace(task="sst2", batch_size=8, max_tokens=64, data_folder=None)
+    history = {"1": {"0": [0, 1], "1": [1]}, "2": {"0": [0, 1]}}
+    blocks = {"1": {"0": ["attn+mlp", "attn+mlp"], "1": ["attn+mlp"]},
+              "2": {"0": ["mlp", "attn"]}}
+    peaks = _block_peaks(server, cfg, history, blocks)
+    assert peaks[(2, 2)] == 50 * MiB and peaks[(1, 1)] == 7 * MiB
+    assert measured == [["attn+mlp"]]  # (1, 1) once: not (2, 2), nor round 2's (1, 1)
+
+
 def test_granularity_is_checked():
     with pytest.raises(ValueError, match="granularity"):
         RunConfig(method="fedpruner", fedpruner=FedPrunerSettings(granularity="head"))
