@@ -14,9 +14,9 @@ in fragmented heaps, so peak RSS measures the allocator's history rather than th
 SmolLM2-135M (batch 8, 256 tokens, this 2-core CPU) the same 5-MLP-block step peaked at 209
 and 274 MiB in two runs, a full-model step at 1,078 MiB after 2 steps and 1,282 MiB after 10,
 and block costs did not add up (3 attention + 5 MLP blocks 65 MiB above 5 + 3). Pinned, the
-full-model step peaks at 898 MiB after 4 and 10 steps alike, repeated runs agree within
-~1 MiB, and attention and MLP blocks add up (``fedsoda.budgets.fit_blocks``,
-``bench/block_budgets.py``). A device that
+full-model step peaks at 898 MiB after 4 and 10 steps alike (on drawn batches; 1,020-1,025
+MiB on the widest), repeated runs agree within 0.5%, and attention and MLP blocks add up
+(``fedsoda.budgets.fit_blocks``, ``bench/block_budgets.py``). A device that
 must hold a budget runs its client this way (``docs/deployment.md``); it costs step time
 (6.8 s against 3.2 s on the full model here), which is why the simulation's clients and the
 timing probes (``depth_cost``, ``fedsoda bench``) keep glibc's defaults.
