@@ -60,9 +60,10 @@ def main() -> None:
         total = len(list(folder.glob("layer-*.safetensors")))
         memory = calibrate_blocks(folder, headroom=args.headroom, **settings)
         full = memory.points[0][2]
-        print(json.dumps({"a_mib": mib(memory.a), "b_attn_mib": mib(memory.b_attn),
-                          "b_mlp_mib": mib(memory.b_mlp),
-                          "points_mib": [(ka, kf, mib(p)) for ka, kf, p in memory.points]}), flush=True)
+        fitted = {"a_mib": mib(memory.a), "b_attn_mib": mib(memory.b_attn),
+                  "b_mlp_mib": mib(memory.b_mlp),
+                  "points_mib": [(ka, kf, mib(p)) for ka, kf, p in memory.points]}
+        print(json.dumps(fitted), flush=True)
         rows = []
         for fraction in (float(f) for f in args.fractions.split(",")):
             budget = int(fraction * full)
@@ -85,9 +86,7 @@ def main() -> None:
         for row in repeats:
             print(json.dumps(row), flush=True)
     results = {"args": vars(args), "num_layers": total,
-               "model": {"a_mib": mib(memory.a), "b_attn_mib": mib(memory.b_attn),
-                         "b_mlp_mib": mib(memory.b_mlp),
-                         "points_mib": [(ka, kf, mib(p)) for ka, kf, p in memory.points]},
+               "model": fitted,
                "full_model_peak_mib": mib(full),
                "max_peak_over_budget": max(r["peak_over_budget"] for r in rows),
                "max_measured_over_predicted": round(max(r["measured_mib"] / r["predicted_mib"]

@@ -166,9 +166,10 @@ def widest_examples(task: Task, rows: list[dict], tokenizer, max_tokens: int,
     which grows with the padded length and the labelled tokens."""
     encoded = EncodedExamples(task, rows, tokenizer, max_tokens)
 
-    def size(index: int) -> tuple[int, int]:
+    def widest_first(index: int) -> tuple[int, int, int]:
         example = encoded[index]
-        return len(example["input_ids"]), sum(label != IGNORE_INDEX for label in example["labels"])
+        answer = sum(label != IGNORE_INDEX for label in example["labels"])
+        return -len(example["input_ids"]), -answer, index
 
-    widest = sorted(range(len(rows)), key=lambda index: (*(-x for x in size(index)), index))[:count]
+    widest = sorted(range(len(rows)), key=widest_first)[:count]
     return EncodedExamples(task, [rows[index] for index in widest], tokenizer, max_tokens)
