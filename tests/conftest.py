@@ -74,3 +74,17 @@ def save_tiny_model_dir(folder: Path, family: str = "llama", layers: int = 10) -
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return save_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture
+def tiny_probe_setup(tiny_model_dir, shared_data, tmp_path, monkeypatch) -> tuple[Path, dict]:
+    """The tiny model (10 layers) as a layered folder and the probe settings the real-peak
+    tests measure with: one thread per probe process, a batch of 32 x 64 tokens (a layer's
+    cost, a few MiB, stands above the probe's run-to-run spread)."""
+    from fedsoda.models import load
+    from fedsoda.surgery.layered import save_layered
+
+    monkeypatch.setenv("FEDSODA_THREADS", "1")
+    model, tokenizer = load(str(tiny_model_dir))
+    folder = save_layered(model, tmp_path / "layered", tokenizer)
+    return folder, {"task": "sst2", "batch_size": 32, "max_tokens": 64, "data_dir": str(shared_data)}

@@ -19,8 +19,6 @@ from fedsoda.budgets import (
     measure_peak,
     spread_layers,
 )
-from fedsoda.models import load
-from fedsoda.surgery.layered import save_layered
 
 MiB = 1 << 20
 
@@ -160,13 +158,9 @@ def test_fractions_need_the_full_model_peak():
 
 
 @pytest.mark.slow
-def test_calibration_on_the_tiny_model_predicts_a_third_measured_peak(
-        tiny_model_dir, shared_data, tmp_path, monkeypatch):
+def test_calibration_on_the_tiny_model_predicts_a_third_measured_peak(tiny_probe_setup):
     # Prepare: the tiny model (10 layers) as a layered folder; one thread per probe process.
-    monkeypatch.setenv("FEDSODA_THREADS", "1")
-    model, tokenizer = load(str(tiny_model_dir))
-    folder = save_layered(model, tmp_path / "layered", tokenizer)
-    settings = {"task": "sst2", "batch_size": 32, "max_tokens": 64, "data_dir": str(shared_data)}
+    folder, settings = tiny_probe_setup
     # Execute: dry runs at 2 and 9 layers fit the model; 5 layers is measured on its own.
     memory = calibrate(folder, sizes=(2, 9), **settings)
     measured = measure_peak(folder, 5, **settings)

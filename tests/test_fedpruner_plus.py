@@ -55,17 +55,11 @@ def test_a_real_probe_runs_with_blocks_dropped(tiny_model_dir, shared_data, tmp_
     assert peak > 0
 
 
-def test_a_calibrated_block_budget_holds_on_mixed_sub_models(
-        tiny_model_dir, shared_data, tmp_path, monkeypatch):
+def test_a_calibrated_block_budget_holds_on_mixed_sub_models(tiny_probe_setup):
     # Prepare: the tiny model (10 layers) as a layered folder, one thread per probe, a batch
     # large enough (32 x 64 tokens) that a block's cost (1.9-3.7 MiB) stands above the pinned
     # allocator's run-to-run spread (under 1 MiB in four calibrations before this was written).
-    from fedsoda.models import load
-
-    monkeypatch.setenv("FEDSODA_THREADS", "1")
-    full, tokenizer = load(str(tiny_model_dir))
-    folder = save_layered(full, tmp_path / "layered", tokenizer)
-    settings = {"task": "sst2", "batch_size": 32, "max_tokens": 64, "data_dir": str(shared_data)}
+    folder, settings = tiny_probe_setup
     # Execute: the block model from five single-kind runs; half the full-model peak as budget.
     model = calibrate_blocks(folder, headroom=0.05, **settings)
     budget = model.points[0][2] // 2
