@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from fedsoda.data.partition import sample_round
 from fedsoda.federated.config import RunConfig
 from fedsoda.federated.simulation import simulate
+from fedsoda.methods.layered import calibrated_peaks
 from fedsoda.methods.pruner_settings import FedPrunerSettings
 from test_federated_sim import tiny_config
 
@@ -45,8 +46,11 @@ def test_only_the_clients_that_hold_the_full_model_train(tiny_model_dir, shared_
     for entry, clients in zip(rounds, sampled, strict=True):
         assert (entry["train_loss"] is None) == (3 not in clients), (entry, clients)
         assert (entry["bytes_up"] == 0) == (3 not in clients)
-    assert summary["max_peak_over_budget"] > 0
+    # The full model's peak is the calibration's 200 MiB, not a second measurement: client 3's
+    # budget (1.0) is that very figure, so its peak/budget is exactly 1.
     assert sorted(summary["by_capacity"]) == ["10"]
+    assert summary["by_capacity"]["10"]["client_peak_memory_bytes"] == 200 * MiB
+    assert summary["max_peak_over_budget"] == 1.0
     # The exported adapter has a LoRA on every layer, trained (B moved off zero).
     adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     lora_b = [t for name, t in adapter.items() if "lora_B" in name]
@@ -66,3 +70,13 @@ def test_no_client_holding_the_full_model_is_an_error_before_training(tiny_model
 def test_exclusive_trains_whole_layers():
     with pytest.raises(ValueError, match="granularity"):
         RunConfig(method="fedlora_exclusive", fedpruner=FedPrunerSettings(granularity="block"))
+
+
+def test_calibrated_peaks_key_layer_counts_and_block_pairs():
+    # Hand-written notes as budgets.json holds them (JSON lists): two layer dry runs and
+    # three block dry runs; each keeps its measured bytes under its shape.
+    notes = {"memory_model": {"a": 0, "b": 0, "points": [[2, 120], [10, 200]]},
+             "block_memory_model": {"points": [[10, 10, 200], [0, 10, 170], [10, 0, 160]]}}
+    assert calibrated_peaks(notes) == {(2,): 120, (10,): 200, (10, 10): 200, (0, 10): 170,
+                                       (10, 0): 160}
+    assert calibrated_peaks({"memory_model": None}) == {}  # FedRA: no calibration

@@ -330,12 +330,11 @@ def _shape(layers: list[int], blocks: list[str] | None) -> tuple:
 def _block_peaks(server: Layered, cfg, history: dict, blocks: dict) -> dict:
     """FedPruner+: the measured training-step peak of every ``(K^A, K^F)`` the run used, one
     fresh-process measurement on the first sub-model of that shape (its blocks dropped, as
-    the client builds it). A shape the calibration measured keeps that measurement: the full
-    model's defines the fractional budgets, and measuring it again would set a 100% client
-    against the run-to-run spread of the same step."""
+    the client builds it); a shape the calibration measured keeps that measurement
+    (``layered.calibrated_peaks``)."""
     from fedsoda.accounting import client_peak_memory  # runs a probe process
 
-    peaks = {(k_attn, k_mlp): peak for k_attn, k_mlp, peak in server.notes["block_memory_model"]["points"]}
+    peaks = layered.calibrated_peaks(server.notes)
     for number, round_layers in sorted(history.items(), key=lambda item: int(item[0])):
         for pid, layers in sorted(round_layers.items()):
             shape = _shape(layers, blocks[number][pid])

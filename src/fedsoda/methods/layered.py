@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fedsoda.budgets import spread_layers
 from fedsoda.evaluate.tasks import evaluate as evaluate_model
 from fedsoda.methods.assignment import Assignment
 from fedsoda.models import load
@@ -94,7 +95,8 @@ def summary(server: Layered, cfg, out: Path, measure_peaks: bool = True) -> dict
     """Export the adapter (every layer's LoRA); per number of layers held: trainable
     parameters, what a client holds, and its measured peak memory in a training step.
 
-    Each peak is a fresh-process training step (minutes on a real model): a caller whose
+    Each peak is a fresh-process training step (minutes on a real model), except for a layer
+    count the run's memory calibration measured (``calibrated_peaks``). A caller whose
     clients train other shapes (FedPruner+'s block sub-models) passes ``measure_peaks=False``
     and fills ``client_peak_memory_bytes`` in, at the top and per layer count, itself."""
     from fedsoda.accounting import client_peak_memory  # runs a probe process
@@ -103,17 +105,17 @@ def summary(server: Layered, cfg, out: Path, measure_peaks: bool = True) -> dict
     per_layer = lora_numel(server.model, [0])
     base_bytes = (server.folder / BASE).stat().st_size
     layer_bytes = (server.folder / layer_file(0)).stat().st_size
-    by = {}
+    known, by = calibrated_peaks(server.notes), {}
     for k in sorted(set(server.capacity) - {0}):  # 0: a client that never takes part
-        # Any k layers: every layer has the same size; spread them over the model.
-        layers = sorted({round(i * (server.num_layers - 1) / max(k - 1, 1)) for i in range(k)})
         by[str(k)] = {
             "clients": server.capacity.count(k), "trainable_params": k * per_layer,
             "client_model_bytes": base_bytes + k * layer_bytes + k * per_layer * 4}
-        if measure_peaks:
+        if measure_peaks and (k,) in known:
+            by[str(k)]["client_peak_memory_bytes"] = known[(k,)]
+        elif measure_peaks:  # any k layers (every layer has the same size), as calibrated
             by[str(k)]["client_peak_memory_bytes"] = client_peak_memory(
                 server.folder, cfg.task, cfg.batch_size, cfg.max_tokens, cfg.data_folder,
-                layers=layers)
+                layers=spread_layers(k, server.num_layers))
     largest = by[str(max(server.capacity))]
     figures = {"pruning": False, "pre_align": False, "realign": False, "accuracy_sub": None,
                "by_capacity": by, "trainable_params": largest["trainable_params"],
@@ -124,3 +126,15 @@ def summary(server: Layered, cfg, out: Path, measure_peaks: bool = True) -> dict
     if measure_peaks:
         figures["client_peak_memory_bytes"] = largest["client_peak_memory_bytes"]
     return figures
+
+
+def calibrated_peaks(notes: dict) -> dict[tuple[int, ...], int]:
+    """The training-step peaks a run's memory calibration measured (``server.notes``), by
+    client-model shape: ``(k,)`` for ``k`` whole layers, ``(K^A, K^F)`` for a FedPruner+
+    block sub-model. A summary keeps these rather than measuring the shape again: the full
+    model's defines the fractional budgets, and a second measurement would set a 100%
+    client against the run-to-run spread of the same step."""
+    layers = (notes.get("memory_model") or {}).get("points", ())
+    blocks = (notes.get("block_memory_model") or {}).get("points", ())
+    return {**{(k,): peak for k, peak in layers},
+            **{(k_attn, k_mlp): peak for k_attn, k_mlp, peak in blocks}}
