@@ -123,8 +123,10 @@ class RunConfig:
         if self.client_layers and self.method != "fedra":
             raise ValueError(f"client_layers is FedRA's setting; method {self.method} gives every "
                              "client the same model")
-        if self.method == "fedlora_exclusive" and self.fedpruner.granularity != "layer":
-            raise ValueError("fedlora_exclusive trains whole layers: fedpruner.granularity must "
+        whole_layers = self.method == "fedlora_exclusive" or (
+            self.method == "fedra" and self.client_layers.strip() == "budgets")
+        if whole_layers and self.fedpruner.granularity != "layer":
+            raise ValueError(f"{self.method} trains whole layers: fedpruner.granularity must "
                              f"be \"layer\", got {self.fedpruner.granularity!r}")
         if self.method == "hierfedlora":
             self._check_hierfedlora()

@@ -83,9 +83,16 @@ class ProbeRequest:
     units: bool = False
 
 
+BY_BUDGETS = "budgets"  # client_layers: each client's layers from its memory budget
+
+
 def capacities(spec: str, clients: int, num_layers: int) -> list[int]:
-    """Layers each client can hold, from ``"KxCOUNT,..."`` (in client order) or ``""`` (all)."""
+    """Layers each client can hold, from ``"KxCOUNT,..."`` (in client order) or ``""`` (all).
+    ``"budgets"`` (FedRA sized by ``[fedpruner] budgets``) is resolved by the method, after
+    calibration; here it passes the format check."""
     if not spec.strip():
+        return [num_layers] * clients
+    if spec.strip() == BY_BUDGETS:
         return [num_layers] * clients
     out = []
     for part in spec.split(","):

@@ -4,7 +4,9 @@ Clients").
 
 Algorithm (one global round):
 - client ``i`` can hold ``K_i`` of the full model's ``L`` decoder layers (its capacity, from
-  ``client_layers`` in the config, e.g. ``"6x4,12x4,30x2"``; empty: every client holds all);
+  ``client_layers`` in the config, e.g. ``"6x4,12x4,30x2"``; empty: every client holds all;
+  ``"budgets"``: the most layers its ``[fedpruner] budgets`` memory budget holds, by
+  FedPruner's measured memory model, so that FedRA and FedPruner compare at the same budgets);
 - the server draws, for each sampled client, ``K_i`` distinct layers uniformly at random,
   kept in their original order, as that client's sub-model (embeddings, final norm and LM
   head always included); the draw is seeded by (seed, round, client), so a resumed run draws
@@ -26,7 +28,8 @@ import zlib
 from pathlib import Path
 
 from fedsoda.methods import layered
-from fedsoda.methods.assignment import Assignment, capacities
+from fedsoda.methods.assignment import BY_BUDGETS, Assignment, capacities
+from fedsoda.methods.fedpruner import budget_capacity
 from fedsoda.methods.layered import Layered, after_round, evaluate, initial_state, load_state
 
 __all__ = ["after_round", "assign", "evaluate", "initial_state", "load_state", "prepare", "summary"]
@@ -39,7 +42,18 @@ def draw_layers(seed: int, round_number: int, client: int, capacity: int, num_la
 
 
 def prepare(cfg, out: Path, resume: bool) -> Layered:
-    return layered.prepare(cfg, out, lambda total, _: capacities(cfg.client_layers, cfg.clients, total))
+    if cfg.client_layers.strip() != BY_BUDGETS:
+        return layered.prepare(cfg, out, lambda total, _: capacities(cfg.client_layers, cfg.clients, total))
+    notes = {}
+
+    def by_budget(total: int, folder: Path) -> list[int]:
+        layers, found = budget_capacity(cfg, out, total, folder)  # calibrated, or budgets.json
+        notes.update(found)
+        return layers
+
+    server = layered.prepare(cfg, out, by_budget)
+    server.notes.update(notes)
+    return server
 
 
 def assign(server: Layered, cfg, state, sampled: list[int]) -> dict[int, Assignment]:
@@ -51,5 +65,16 @@ def assign(server: Layered, cfg, state, sampled: list[int]) -> dict[int, Assignm
 
 
 def summary(server: Layered, cfg, state, out: Path, task, rows: list[dict]) -> dict:
-    return {**layered.summary(server, cfg, out),
-            "client_layers": cfg.client_layers or f"{server.num_layers}x{cfg.clients}"}
+    """The layered figures; sized by budgets, also the budgets, the memory model and the
+    largest peak/budget (a client's peak is that of its layer count: every layer has the
+    same size, so which layers it drew does not change it)."""
+    own = layered.summary(server, cfg, out)
+    figures = {**own, "client_layers": cfg.client_layers or f"{server.num_layers}x{cfg.clients}"}
+    if "budgets" not in server.notes:
+        return figures
+    notes, by = server.notes, own["by_capacity"]
+    return {**figures, "budgets_bytes": notes["budgets"], "memory_model": notes["memory_model"],
+            "full_model_peak_bytes": notes["full_model_peak_bytes"],
+            "client_layer_counts": list(server.capacity),
+            "max_peak_over_budget": max(by[str(k)]["client_peak_memory_bytes"] / budget
+                                        for k, budget in zip(server.capacity, notes["budgets"], strict=True))}
