@@ -55,21 +55,25 @@ def test_a_real_probe_runs_with_blocks_dropped(tiny_model_dir, shared_data, tmp_
     assert peak > 0
 
 
-@pytest.mark.slow  # failed once in a clean-clone CI run (2026-12-04): tiny budgets sit ~1 MiB from the peaks
 def test_a_calibrated_block_budget_holds_on_mixed_sub_models(tiny_probe_setup):
     # Prepare: the tiny model (10 layers) as a layered folder, one thread per probe, a batch
-    # large enough (32 x 64 tokens) that a block's cost (1.9-3.7 MiB) stands above the pinned
-    # allocator's run-to-run spread (under 1 MiB in four calibrations before this was written).
+    # of 32 x 64 tokens, where a block costs 2-4 MiB. The pinned probe's spread here is ~4 MiB
+    # (the same (K^A, K^F) = (0, 10) step measured 40.8-44.8 MiB over ten fresh processes,
+    # 2026-12-04), a tenth of these peaks where on SmolLM2 it is half a percent: the
+    # headroom on predictions is 15%, which covers it (0.05 failed here, 2 runs in 4).
     folder, settings = tiny_probe_setup
     # Execute: the block model from five single-kind runs; half the full-model peak as budget.
-    model = calibrate_blocks(folder, headroom=0.05, **settings)
+    model = calibrate_blocks(folder, headroom=0.15, **settings)
     budget = model.points[0][2] // 2
     pairs = model.pairs_for(budget, 10)
     # Assert: the pairs that mix both kinds, which no calibration run measured, and the two
-    # single-kind ends all train within the budget, measured as the run measures them.
+    # single-kind ends all train within the budget, measured as the run measures them. A
+    # pair that is a calibration point fits by its own measurement (``measured_fit``), and
+    # measuring it again would only sample the probe's spread, so it is not checked here.
     mixed = max(pairs, key=min)
     assert min(mixed) >= 1, pairs
-    for k_attn, k_mlp in {pairs[0], mixed, pairs[-1]}:
+    measured = {(k_attn, k_mlp) for k_attn, k_mlp, _ in model.points}
+    for k_attn, k_mlp in {pairs[0], mixed, pairs[-1]} - measured:
         layers, blocks = spread_blocks(k_attn, k_mlp, 10)
         peak = client_peak_memory(folder, layers=layers, blocks=blocks, **settings)
         assert peak <= budget, ((k_attn, k_mlp), peak / MiB, budget / MiB, model)
