@@ -5,7 +5,7 @@ import json
 import pytest
 
 from fedsoda.cli import main
-from fedsoda.comparison import markdown_table, read_run, rounds_table, table_rows
+from fedsoda.comparison import _tier_cell, markdown_table, read_run, rounds_table, table_rows, tier_peaks
 
 
 def fake_run(folder, method, seed, accuracy, comm_per_round=2_000_000.0, **changes):
@@ -145,8 +145,8 @@ def test_fedpruner_plus_is_a_row_of_its_own_and_the_memory_table_shows_budgets(t
     assert "| FedPruner |  |  |  | 87.0 ± 1.4 |" in table  # two seeds: 86, 88
     assert "| FedPruner+ |  |  |  | 80.0 ± 0.0 |" in table
     # The means over seeds (235 = (230 + 240) / 2, 205 = (200 + 210) / 2) and the worst ratio.
-    assert "| FedPruner | 5: 235 MiB, 30: 910 MiB | 205 MiB | 0.950 |" in table
-    assert "| FedPruner+ | 7: 300 MiB | 220 MiB | 0.970 |" in table
+    assert "| FedPruner | 5: 235 MiB, 30: 910 MiB | – | 205 MiB | 0.950 |" in table  # no budgets kept
+    assert "| FedPruner+ | 7: 300 MiB | – | 220 MiB | 0.970 |" in table
     assert "FedPETuning | 1" not in table.split("Client memory")[1]  # no sub-models: no line
 
 
@@ -185,3 +185,23 @@ def test_tracking_flattens_every_number_of_a_round():
     assert scalars(entry) == {"accuracy": 0.8, "realigned": 1.0, "rejected/count": 2.0,
                               "option_shares/negative": 0.4, "option_shares/positive": 0.6,
                               "fidelity/cosine": 0.5, "fidelity/layers/27/cosine": 0.1}
+
+
+def test_the_largest_peak_by_budget_tier_over_clients_and_rounds():
+    MiB = 2**20
+    # FedPruner+-like: budgets 25/50/100% of a 1000 MiB full-model peak; per client and round
+    # its peak. The 50% client (id 1) touched every layer, as the 100% client did.
+    plus = {"full_model_peak_bytes": 1000 * MiB, "budgets_bytes": [250 * MiB, 500 * MiB, 1000 * MiB],
+            "clients_by_round": {"1": {"0": {"peak_bytes": 210 * MiB}, "1": {"peak_bytes": 460 * MiB}},
+                                 "2": {"0": {"peak_bytes": 220 * MiB}, "2": {"peak_bytes": 1000 * MiB}}}}
+    assert tier_peaks(plus) == {0.25: 220 * MiB, 0.5: 460 * MiB, 1.0: 1000 * MiB}
+    # FedLoRA-exclusive-like: only the 100% client holds layers; the others train nothing.
+    exclusive = {"full_model_peak_bytes": 1000 * MiB, "budgets_bytes": [250 * MiB, 1000 * MiB],
+                 "client_layer_counts": [0, 30],
+                 "by_capacity": {"30": {"client_peak_memory_bytes": 990 * MiB}}}
+    assert tier_peaks(exclusive) == {1.0: 990 * MiB}
+    assert tier_peaks({"by_capacity": {}}) == {}  # FedRA by layer counts: no budgets
+    # The report's cell: per tier the mean over seeds of the largest, against the full peak.
+    other = {**plus, "clients_by_round": {"1": {"0": {"peak_bytes": 240 * MiB}}}}
+    assert _tier_cell([plus, other]) == ("25%: 230 MiB (0.230x full), 50%: 460 MiB (0.460x full), "
+                                         "100%: 1000 MiB (1.000x full)")

@@ -208,25 +208,63 @@ def _mean_peak(summaries: list[dict], k: int) -> float:
                             if str(k) in s["by_capacity"])
 
 
+def tier_peaks(summary: dict) -> dict[float, int]:
+    """Budget tier (budget / full-model peak, to 0.01) -> the largest measured training-step
+    peak of its clients: from each client and round (FedPruner, FedPruner+), else from each
+    client's layer count (FedRA by budgets, FedLoRA-exclusive: a client of 0 layers trains
+    nothing). Empty without budgets. By tier, not by layers held: a FedPruner+ 50% client
+    touches all 30 layers with half their blocks and would share the full model's entry."""
+    if "budgets_bytes" not in summary:
+        return {}
+    full, budgets = summary["full_model_peak_bytes"], summary["budgets_bytes"]
+    if "clients_by_round" in summary:
+        peaks = [(int(pid), entry["peak_bytes"]) for clients in summary["clients_by_round"].values()
+                 for pid, entry in clients.items()]
+    else:
+        by = summary["by_capacity"]
+        peaks = [(pid, by[str(k)]["client_peak_memory_bytes"])
+                 for pid, k in enumerate(summary["client_layer_counts"]) if k]
+    out: dict[float, int] = {}
+    for pid, peak in peaks:
+        tier = round(budgets[pid] / full, 2)
+        out[tier] = max(out.get(tier, 0), peak)
+    return out
+
+
+def _tier_cell(group: list[dict]) -> str:
+    """Per tier, the mean over seeds of its largest peak, and that against the tier's budget."""
+    tiers = [tier_peaks(s) for s in group]
+    full = [s["full_model_peak_bytes"] for s in group if "full_model_peak_bytes" in s]
+    if not full:
+        return "–"
+    cells = []
+    for tier in sorted({t for found in tiers for t in found}):
+        peak = statistics.fmean(found[tier] for found in tiers if tier in found)
+        cells.append(f"{100 * tier:.0f}%: {peak / 2**20:.0f} MiB "
+                     f"({peak / statistics.fmean(full):.3f}x full)")
+    return ", ".join(cells) or "–"
+
+
 def memory_table(runs: list[dict]) -> str:
     """For runs whose clients hold different sub-models (FedRA, FedPruner, FedLoRA-exclusive):
-    each layer count's measured training-step peak, the similarity probe's, and the largest
-    peak/budget ratio any client reached in any round (means over seeds); empty otherwise."""
+    each layer count's measured training-step peak, each budget tier's largest, the
+    similarity probe's, and the largest peak/budget ratio any client reached in any round
+    (means over seeds); empty otherwise."""
     by_method: dict[str, list[dict]] = defaultdict(list)
     for run in runs:
         if "by_capacity" in run["summary"]:
             by_method[row_of(run["summary"])].append(run["summary"])
     if not by_method:
         return ""
-    lines = ["| Method | measured peak by layers held | similarity probe | max peak/budget |",
-             "|---|---|---|---|"]
+    lines = ["| Method | measured peak by layers held | largest peak by budget | similarity probe "
+             "| max peak/budget |", "|---|---|---|---|---|"]
     for method in sorted(by_method, key=paper_rank):
         group = by_method[method]
         counts = sorted({int(k) for s in group for k in s["by_capacity"]})
         peaks = ", ".join(f"{k}: {_mean_peak(group, k) / 2**20:.0f} MiB" for k in counts)
         probe = [s["probe_peak_bytes"] for s in group if "probe_peak_bytes" in s]
         ratio = [s["max_peak_over_budget"] for s in group if "max_peak_over_budget" in s]
-        lines.append(f"| {title(method)} | {peaks} "
+        lines.append(f"| {title(method)} | {peaks} | {_tier_cell(group)} "
                      f"| {f'{statistics.fmean(probe) / 2**20:.0f} MiB' if probe else '–'} "
                      f"| {f'{max(ratio):.3f}' if ratio else '–'} |")
     return "\n".join(lines) + "\n"
