@@ -90,9 +90,7 @@ def capacities(spec: str, clients: int, num_layers: int) -> list[int]:
     """Layers each client can hold, from ``"KxCOUNT,..."`` (in client order) or ``""`` (all).
     ``"budgets"`` (FedRA sized by ``[fedpruner] budgets``) is resolved by the method, after
     calibration; here it passes the format check."""
-    if not spec.strip():
-        return [num_layers] * clients
-    if spec.strip() == BY_BUDGETS:
+    if spec.strip() in ("", BY_BUDGETS):
         return [num_layers] * clients
     out = []
     for part in spec.split(","):
