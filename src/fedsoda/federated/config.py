@@ -24,6 +24,7 @@ from fedsoda.align.settings import AlignSettings
 from fedsoda.data.scheme import PartitionScheme
 from fedsoda.dp_settings import DPSettings
 from fedsoda.federated.robust_settings import RobustSettings
+from fedsoda.methods.assignment import BY_BUDGETS
 from fedsoda.methods.hier_settings import HierFedLoRASettings
 from fedsoda.methods.pruner_settings import FedPrunerSettings
 from fedsoda.surgery.plan import PruneSettings
@@ -124,7 +125,7 @@ class RunConfig:
             raise ValueError(f"client_layers is FedRA's setting; method {self.method} gives every "
                              "client the same model")
         whole_layers = self.method == "fedlora_exclusive" or (
-            self.method == "fedra" and self.client_layers.strip() == "budgets")
+            self.method == "fedra" and self.client_layers.strip() == BY_BUDGETS)
         if whole_layers and self.fedpruner.granularity != "layer":
             raise ValueError(f"{self.method} trains whole layers: fedpruner.granularity must "
                              f"be \"layer\", got {self.fedpruner.granularity!r}")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from fedsoda.methods import layered
 from fedsoda.methods.assignment import Assignment
-from fedsoda.methods.fedpruner import budget_capacity
+from fedsoda.methods.fedpruner import budget_figures, prepare_by_budgets
 from fedsoda.methods.layered import Layered, after_round, evaluate, initial_state, load_state
 
 __all__ = ["after_round", "assign", "evaluate", "initial_state", "load_state", "prepare", "summary"]
@@ -33,22 +33,18 @@ __all__ = ["after_round", "assign", "evaluate", "initial_state", "load_state", "
 
 def prepare(cfg, out: Path, resume: bool) -> Layered:
     """Every client's capacity is ``L`` if its budget holds the full model, else 0."""
-    notes = {}
+    return prepare_by_budgets(cfg, out, _whole_model_only)
 
-    def capacity(total: int, folder: Path) -> list[int]:
-        layers, found = budget_capacity(cfg, out, total, folder)
-        notes.update(found)
-        eligible = [k if k == total else 0 for k in layers]
-        if not any(eligible):
-            smallest = found["full_model_peak_bytes"] / 2**20
-            raise ValueError(f"fedlora_exclusive: no client's budget holds the full model "
-                             f"({smallest:.1f} MiB measured); give at least one client a budget "
-                             f"of 1.0 in fedpruner.budgets")
-        return eligible
 
-    server = layered.prepare(cfg, out, capacity)
-    server.notes.update(notes)
-    return server
+def _whole_model_only(layers: list[int], notes: dict, total: int) -> list[int]:
+    """Capacity ``total`` for the clients whose budget holds every layer, 0 for the rest."""
+    eligible = [k if k == total else 0 for k in layers]
+    if not any(eligible):
+        smallest = notes["full_model_peak_bytes"] / 2**20
+        raise ValueError(f"fedlora_exclusive: no client's budget holds the full model "
+                         f"({smallest:.1f} MiB measured); give at least one client a budget "
+                         f"of 1.0 in fedpruner.budgets")
+    return eligible
 
 
 def assign(server: Layered, cfg, state, sampled: list[int]) -> dict[int, Assignment]:
@@ -69,8 +65,6 @@ def summary(server: Layered, cfg, state, out: Path, task, rows: list[dict]) -> d
     eligible = [pid for pid, k in enumerate(server.capacity) if k]
     peak = own["by_capacity"][str(server.num_layers)]["client_peak_memory_bytes"]
     history = state.method.get("history", {})
-    return {**own, "budgets_bytes": notes["budgets"], "memory_model": notes["memory_model"],
-            "full_model_peak_bytes": notes["full_model_peak_bytes"], "eligible_clients": eligible,
-            "client_layer_counts": list(server.capacity),
-            "rounds_without_training": sum(1 for pids in history.values() if not pids),
-            "max_peak_over_budget": peak / min(notes["budgets"][pid] for pid in eligible)}
+    return {**own, **budget_figures(server, peak / min(notes["budgets"][pid] for pid in eligible)),
+            "eligible_clients": eligible,
+            "rounds_without_training": sum(1 for pids in history.values() if not pids)}

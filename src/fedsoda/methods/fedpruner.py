@@ -105,6 +105,31 @@ def budget_capacity(cfg, out: Path, total: int, folder: Path) -> tuple[list[int]
     return layers, notes
 
 
+def prepare_by_budgets(cfg, out: Path, to_capacity=None) -> Layered:
+    """A layered server whose clients are sized by ``[fedpruner] budgets`` through
+    ``budget_capacity`` (FedRA by budgets, FedLoRA-exclusive); ``to_capacity(layers, notes,
+    total)`` turns the layers each budget holds into the method's capacities. The calibration
+    lands in ``server.notes`` for ``budget_figures``."""
+    notes = {}
+
+    def sized(total: int, folder: Path) -> list[int]:
+        layers, found = budget_capacity(cfg, out, total, folder)  # calibrated, or budgets.json
+        notes.update(found)
+        return to_capacity(layers, found, total) if to_capacity else layers
+
+    server = layered.prepare(cfg, out, sized)
+    server.notes.update(notes)
+    return server
+
+
+def budget_figures(server: Layered, max_peak_over_budget: float) -> dict:
+    """The summary's budget figures of a server from ``prepare_by_budgets``."""
+    notes = server.notes
+    return {"budgets_bytes": notes["budgets"], "memory_model": notes["memory_model"],
+            "full_model_peak_bytes": notes["full_model_peak_bytes"],
+            "client_layer_counts": list(server.capacity), "max_peak_over_budget": max_peak_over_budget}
+
+
 def _block_capacity(cfg, out: Path, total: int, folder: Path) -> tuple[list[int], dict]:
     """FedPruner+: per client its feasible ``(K^A, K^F)`` pairs, from the block memory model
     (cached in ``budgets.json`` like the layer one); the capacity is the most layers any of

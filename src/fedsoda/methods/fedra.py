@@ -29,7 +29,7 @@ from pathlib import Path
 
 from fedsoda.methods import layered
 from fedsoda.methods.assignment import BY_BUDGETS, Assignment, capacities
-from fedsoda.methods.fedpruner import budget_capacity
+from fedsoda.methods.fedpruner import budget_figures, prepare_by_budgets
 from fedsoda.methods.layered import Layered, after_round, evaluate, initial_state, load_state
 
 __all__ = ["after_round", "assign", "evaluate", "initial_state", "load_state", "prepare", "summary"]
@@ -44,16 +44,7 @@ def draw_layers(seed: int, round_number: int, client: int, capacity: int, num_la
 def prepare(cfg, out: Path, resume: bool) -> Layered:
     if cfg.client_layers.strip() != BY_BUDGETS:
         return layered.prepare(cfg, out, lambda total, _: capacities(cfg.client_layers, cfg.clients, total))
-    notes = {}
-
-    def by_budget(total: int, folder: Path) -> list[int]:
-        layers, found = budget_capacity(cfg, out, total, folder)  # calibrated, or budgets.json
-        notes.update(found)
-        return layers
-
-    server = layered.prepare(cfg, out, by_budget)
-    server.notes.update(notes)
-    return server
+    return prepare_by_budgets(cfg, out)
 
 
 def assign(server: Layered, cfg, state, sampled: list[int]) -> dict[int, Assignment]:
@@ -72,9 +63,7 @@ def summary(server: Layered, cfg, state, out: Path, task, rows: list[dict]) -> d
     figures = {**own, "client_layers": cfg.client_layers or f"{server.num_layers}x{cfg.clients}"}
     if "budgets" not in server.notes:
         return figures
-    notes, by = server.notes, own["by_capacity"]
-    return {**figures, "budgets_bytes": notes["budgets"], "memory_model": notes["memory_model"],
-            "full_model_peak_bytes": notes["full_model_peak_bytes"],
-            "client_layer_counts": list(server.capacity),
-            "max_peak_over_budget": max(by[str(k)]["client_peak_memory_bytes"] / budget
-                                        for k, budget in zip(server.capacity, notes["budgets"], strict=True))}
+    by = own["by_capacity"]
+    worst = max(by[str(k)]["client_peak_memory_bytes"] / budget
+                for k, budget in zip(server.capacity, server.notes["budgets"], strict=True))
+    return {**figures, **budget_figures(server, worst)}
