@@ -36,7 +36,7 @@ def prepare(cfg, out: Path, resume: bool) -> Layered:
     return prepare_by_budgets(cfg, out, _whole_model_only)
 
 
-def _whole_model_only(layers: list[int], notes: dict, total: int) -> list[int]:
+def _whole_model_only(layers: list[int], notes: dict, total: int, folder: Path) -> list[int]:
     """Capacity ``total`` for the clients whose budget holds every layer, 0 for the rest."""
     eligible = [k if k == total else 0 for k in layers]
     if not any(eligible):

@@ -107,15 +107,17 @@ def budget_capacity(cfg, out: Path, total: int, folder: Path) -> tuple[list[int]
 
 def prepare_by_budgets(cfg, out: Path, to_capacity=None) -> Layered:
     """A layered server whose clients are sized by ``[fedpruner] budgets`` through
-    ``budget_capacity`` (FedRA by budgets, FedLoRA-exclusive); ``to_capacity(layers, notes,
-    total)`` turns the layers each budget holds into the method's capacities. The calibration
-    lands in ``server.notes`` for ``budget_figures``."""
+    ``budget_capacity`` (FedPruner, FedRA by budgets, FedLoRA-exclusive);
+    ``to_capacity(layers, notes, total, folder)`` turns the layers each budget holds into the
+    method's capacities (and may add to the notes). The calibration lands in
+    ``server.notes`` for ``budget_figures``."""
     notes = {}
 
     def sized(total: int, folder: Path) -> list[int]:
         layers, found = budget_capacity(cfg, out, total, folder)  # calibrated, or budgets.json
+        capacity = to_capacity(layers, found, total, folder) if to_capacity else layers
         notes.update(found)
-        return to_capacity(layers, found, total) if to_capacity else layers
+        return capacity
 
     server = layered.prepare(cfg, out, sized)
     server.notes.update(notes)
@@ -173,16 +175,11 @@ def similarity_peak(cfg, out: Path, folder: Path, notes: dict) -> int:
 
 
 def prepare(cfg, out: Path, resume: bool) -> Layered:
-    notes = {}
-
-    def capacity(total: int, folder: Path) -> list[int]:
-        layers, found = budget_capacity(cfg, out, total, folder)
-        notes.update(found, probe_peak_bytes=similarity_peak(cfg, out, folder, found))
+    def probe_fits(layers: list[int], notes: dict, total: int, folder: Path) -> list[int]:
+        similarity_peak(cfg, out, folder, notes)  # into notes["probe_peak_bytes"], or an error
         return layers
 
-    server = layered.prepare(cfg, out, capacity)
-    server.notes.update(notes)
-    return server
+    return prepare_by_budgets(cfg, out, probe_fits)
 
 
 def probe_request(server: Layered, cfg, state) -> ProbeRequest | None:
