@@ -33,6 +33,23 @@ def test_one_layer_at_a_time_gives_the_whole_models_outputs_and_influence(tmp_pa
     assert not torch.allclose(plain.outputs[1], expected.outputs[1], atol=1e-4)
 
 
+def test_the_token_cap_keeps_the_rows_the_whole_model_probe_keeps(tmp_path):
+    save_layered(tiny_model(layers=3), tmp_path)
+    whole = load_layered(tmp_path, range(3), dtype=torch.float32)
+    batches = random_batches(count=2, batch=3, seq=12)  # 58 chosen tokens, capped at 20
+    expected = probe_layers(whole, batches, max_tokens=20, seed=5)
+    got, units = streamed_probe(tmp_path, 3, batches, max_tokens=20, seed=5, units=True)
+    assert got.tokens == expected.tokens == 58
+    for a, b, mlp in zip(got.outputs, expected.outputs, units.mlp_outputs, strict=True):
+        assert a.shape == (20, b.shape[1]) and a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert torch.equal(mlp, a)
+    assert all(x.shape[0] == 20 for x in units.attn_outputs)
+    # The influence is still over every chosen token, not only the kept rows.
+    torch.testing.assert_close(torch.tensor(got.influence), torch.tensor(expected.influence),
+                               rtol=1e-5, atol=1e-7)
+
+
 def test_unit_outputs_are_the_stream_after_attention_and_after_the_mlp(tmp_path):
     from fedsoda.models import decoder_layers
     from fedsoda.surgery.cka import token_mask

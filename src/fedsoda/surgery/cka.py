@@ -58,18 +58,20 @@ def cka_matrix(outputs: list[torch.Tensor]) -> torch.Tensor:
     """``[L, L]`` float64 matrix of linear CKA between every pair of layer outputs."""
     if not outputs:
         raise ValueError("cka_matrix needs at least one layer output")
-    # Centred in float64, kept in float32: one extra copy of the outputs, not two (a probe's
-    # memory must fit a client's budget); every product below is float64 again.
-    centred = [_centred(x).float() for x in outputs]
-    norms = [_self_norm(xc.double()) for xc in centred]
+    # Centred pair by pair in float64, not all at once: a centred copy of every output would
+    # double what the probe holds, and its memory must fit a client's budget (on BoolQ's long
+    # prompts FedPruner+'s 60 units made the probe twice the 25% budget).
+    means = [x.double().mean(dim=0, keepdim=True) for x in outputs]
+    norms = [_self_norm(x.double() - mean) for x, mean in zip(outputs, means, strict=True)]
     if any(norm == 0 for norm in norms):
         raise ValueError("a layer output is constant over the tokens; its CKA is undefined")
-    count = len(centred)
+    count = len(outputs)
     matrix = torch.eye(count, dtype=torch.float64)
     for i in range(count):
-        ci = centred[i].double()
+        ci = outputs[i].double() - means[i]
         for j in range(i + 1, count):
-            cross = torch.linalg.matrix_norm(centred[j].double().T @ ci) ** 2
+            cj = outputs[j].double() - means[j]
+            cross = torch.linalg.matrix_norm(cj.T @ ci) ** 2
             matrix[i, j] = matrix[j, i] = cross / (norms[i] * norms[j])
     return matrix
 

@@ -81,6 +81,8 @@ def streamed_probe(folder: Path | str, num_layers: int, batches: Iterable[dict],
                                use_cache=False).last_hidden_state
                           for h, b in zip(hidden, batches, strict=True)]
     picked = lambda hidden: torch.cat([h[m].double() for h, m in zip(hidden, masks, strict=True)])  # noqa: E731
+    rows = _capped_rows(tokens, max_tokens, seed)
+    kept = lambda x: (x if rows is None else x[rows]).float()  # noqa: E731
     found = {"out": [], "inf": [], "attn": [], "attn_inf": [], "mlp_inf": []}
     with torch.no_grad():
         hidden = embedded
@@ -92,26 +94,31 @@ def streamed_probe(folder: Path | str, num_layers: int, batches: Iterable[dict],
                 out = run(hidden)
                 before, after = picked(hidden), picked(out)
                 found["inf"].append(_influence(before, after, tokens))
-                found["out"].append(after.float())
+                found["out"].append(kept(after))
                 if units:
                     with blocks_dropped(model, ("attn",)):
                         middle = picked(run(hidden))
-                    found["attn"].append(middle.float())
+                    found["attn"].append(kept(middle))
                     found["attn_inf"].append(_influence(before, middle, tokens))
                     found["mlp_inf"].append(_influence(middle, after, tokens))
                 hidden = out
         finally:
             base.norm = norm
     outputs, attn = found["out"], found["attn"]
-    if max_tokens is not None and tokens > max_tokens:
-        rows = torch.randperm(tokens, generator=torch.Generator().manual_seed(seed))[:max_tokens]
-        outputs = [x[rows.sort().values] for x in outputs]
-        attn = [x[rows.sort().values] for x in attn]
     layer_probe = LayerProbe(outputs=outputs, influence=found["inf"], tokens=tokens)
     if not units:
         return layer_probe
     return layer_probe, UnitProbe(attn_outputs=attn, mlp_outputs=outputs,
                                   attn_influence=found["attn_inf"], mlp_influence=found["mlp_inf"])
+
+
+def _capped_rows(tokens: int, max_tokens: int | None, seed: int) -> torch.Tensor | None:
+    """The token cap's rows, drawn before the pass (``probe_layers`` draws the same rows after
+    it), so each layer keeps only those: what the probe holds does not grow with the prompts."""
+    if max_tokens is None or tokens <= max_tokens:
+        return None
+    rows = torch.randperm(tokens, generator=torch.Generator().manual_seed(seed))[:max_tokens]
+    return rows.sort().values
 
 
 def _one_layer_model(folder: Path, paths, batches: list[dict], spec: LoraSpec):
