@@ -61,17 +61,15 @@ def cka_matrix(outputs: list[torch.Tensor]) -> torch.Tensor:
     # Centred pair by pair in float64, not all at once: a centred copy of every output would
     # double what the probe holds, and its memory must fit a client's budget (on BoolQ's long
     # prompts FedPruner+'s 60 units made the probe twice the 25% budget).
-    means = [x.double().mean(dim=0, keepdim=True) for x in outputs]
-    norms = [_self_norm(x.double() - mean) for x, mean in zip(outputs, means, strict=True)]
+    norms = [_self_norm(_centred(x)) for x in outputs]
     if any(norm == 0 for norm in norms):
         raise ValueError("a layer output is constant over the tokens; its CKA is undefined")
     count = len(outputs)
     matrix = torch.eye(count, dtype=torch.float64)
     for i in range(count):
-        ci = outputs[i].double() - means[i]
+        ci = _centred(outputs[i])
         for j in range(i + 1, count):
-            cj = outputs[j].double() - means[j]
-            cross = torch.linalg.matrix_norm(cj.T @ ci) ** 2
+            cross = torch.linalg.matrix_norm(_centred(outputs[j]).T @ ci) ** 2
             matrix[i, j] = matrix[j, i] = cross / (norms[i] * norms[j])
     return matrix
 
@@ -115,12 +113,21 @@ def probe_layers(model: nn.Module, batches: Iterable[dict], skip_first: bool = T
     if tokens == 0:
         raise ValueError("no tokens to measure: every sample is padding (or one token long "
                          "with skip_first)")
-    if max_tokens is not None and tokens > max_tokens:
-        generator = torch.Generator().manual_seed(seed)
-        rows = torch.randperm(tokens, generator=generator)[:max_tokens].sort().values
+    rows = capped_rows(tokens, max_tokens, seed)
+    if rows is not None:
         stacked = [x[rows] for x in stacked]
     return LayerProbe(outputs=stacked, influence=(influence_sums / tokens).tolist(),
                       tokens=tokens)
+
+
+def capped_rows(tokens: int, max_tokens: int | None, seed: int) -> torch.Tensor | None:
+    """The token cap: ``max_tokens`` of ``tokens`` rows (sorted), from a seeded generator so
+    the draw does not depend on the global RNG; ``None`` when there is no cap to apply. Drawn
+    from the count alone, so a probe can draw them before its pass (``surgery.streamed``)."""
+    if max_tokens is None or tokens <= max_tokens:
+        return None
+    rows = torch.randperm(tokens, generator=torch.Generator().manual_seed(seed))[:max_tokens]
+    return rows.sort().values
 
 
 def layer_outputs(model: nn.Module, batches: Iterable[dict], skip_first: bool = True,

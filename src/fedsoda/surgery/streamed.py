@@ -22,7 +22,7 @@ from torch import nn
 
 from fedsoda.models import decoder_layers, unwrap
 from fedsoda.surgery.blocks import blocks_dropped
-from fedsoda.surgery.cka import LayerProbe, token_mask
+from fedsoda.surgery.cka import LayerProbe, capped_rows, token_mask
 from fedsoda.surgery.layered import layer_file, load_layered
 from fedsoda.surgery.lora import LoraSpec, attach_lora, load_lora_state, to_local
 
@@ -81,7 +81,9 @@ def streamed_probe(folder: Path | str, num_layers: int, batches: Iterable[dict],
                                use_cache=False).last_hidden_state
                           for h, b in zip(hidden, batches, strict=True)]
     picked = lambda hidden: torch.cat([h[m].double() for h, m in zip(hidden, masks, strict=True)])  # noqa: E731
-    rows = _capped_rows(tokens, max_tokens, seed)
+    # The token cap's rows, drawn before the pass (probe_layers draws the same ones after it):
+    # each layer keeps only those, so what the probe holds does not grow with the prompts.
+    rows = capped_rows(tokens, max_tokens, seed)
     kept = lambda x: (x if rows is None else x[rows]).float()  # noqa: E731
     found = {"out": [], "inf": [], "attn": [], "attn_inf": [], "mlp_inf": []}
     with torch.no_grad():
@@ -110,15 +112,6 @@ def streamed_probe(folder: Path | str, num_layers: int, batches: Iterable[dict],
         return layer_probe
     return layer_probe, UnitProbe(attn_outputs=attn, mlp_outputs=outputs,
                                   attn_influence=found["attn_inf"], mlp_influence=found["mlp_inf"])
-
-
-def _capped_rows(tokens: int, max_tokens: int | None, seed: int) -> torch.Tensor | None:
-    """The token cap's rows, drawn before the pass (``probe_layers`` draws the same rows after
-    it), so each layer keeps only those: what the probe holds does not grow with the prompts."""
-    if max_tokens is None or tokens <= max_tokens:
-        return None
-    rows = torch.randperm(tokens, generator=torch.Generator().manual_seed(seed))[:max_tokens]
-    return rows.sort().values
 
 
 def _one_layer_model(folder: Path, paths, batches: list[dict], spec: LoraSpec):
