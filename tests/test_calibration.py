@@ -57,3 +57,16 @@ def test_preflight_refuses_a_missing_or_foreign_calibration(tmp_path):
     with pytest.raises(ValueError, match="measured with other batch_size"):
         check_calibration(load_config(None, ["method=fedpruner", "batch_size=8",
                                              f"fedpruner.calibration={earlier / 'budgets.json'}"]))
+
+
+def test_a_reused_probe_peak_needs_the_same_probe_settings(tmp_path):
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "budgets.json").write_text(json.dumps({**LAYER, "probe_peak_bytes": 2**28}))
+    load_config(None, ["method=fedpruner", "fedpruner.probe_dtype=bfloat16"]).save(earlier / "config.toml")
+    given = f"fedpruner.calibration={earlier / 'budgets.json'}"
+    check_calibration(load_config(None, ["method=fedpruner", "fedpruner.probe_dtype=bfloat16", given]))
+    with pytest.raises(ValueError, match="other fedpruner.probe_dtype"):
+        check_calibration(load_config(None, ["method=fedpruner", given]))
+    with pytest.raises(ValueError, match="probe_dtype must be one of"):
+        load_config(None, ["method=fedpruner", "fedpruner.probe_dtype=float16"])

@@ -164,3 +164,9 @@ def test_probe_config_round_trips_and_refuses_crafted_names():
     record["samples"] = 0
     with pytest.raises(MessageError, match="must be >= 1"):
         ProbeConfig.from_record(record)
+    half = dataclasses.replace(config, dtype="bfloat16")
+    assert ProbeConfig.from_record(half.to_record()).dtype == "bfloat16"
+    record = config.to_record()
+    record["dtype"] = "float16"
+    with pytest.raises(MessageError, match="dtype must be one of"):
+        ProbeConfig.from_record(record)

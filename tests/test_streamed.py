@@ -50,6 +50,24 @@ def test_the_token_cap_keeps_the_rows_the_whole_model_probe_keeps(tmp_path):
                                rtol=1e-5, atol=1e-7)
 
 
+def test_bfloat16_rows_are_the_float32_rows_rounded_and_keep_cka(tmp_path):
+    from fedsoda.surgery.cka import cka_matrix
+
+    save_layered(tiny_model(layers=4), tmp_path)
+    batches = random_batches(count=2, batch=3, seq=12)
+    full = streamed_probe(tmp_path, 4, batches, max_tokens=20, seed=5)
+    half, units = streamed_probe(tmp_path, 4, batches, max_tokens=20, seed=5, units=True,
+                                 dtype=torch.bfloat16)
+    for a, b, attn in zip(full.outputs, half.outputs, units.attn_outputs, strict=True):
+        assert b.dtype == attn.dtype == torch.bfloat16
+        assert torch.equal(b, a.to(torch.bfloat16))  # the same rows, only rounded
+    assert half.influence == full.influence  # measured before any rounding
+    # bf16 keeps 8 significand bits (relative error <= 2^-9 per entry), so CKA moves by
+    # about that much; 0.01 is ~5x that bound and still far below a grouping decision.
+    difference = (cka_matrix(half.outputs) - cka_matrix(full.outputs)).abs().max()
+    assert 0 < difference < 0.01
+
+
 def test_unit_outputs_are_the_stream_after_attention_and_after_the_mlp(tmp_path):
     from fedsoda.models import decoder_layers
     from fedsoda.surgery.cka import token_mask

@@ -127,12 +127,12 @@ def depth_cost(folder: Path | str, task: str, batch_size: int, max_tokens: int,
 
 
 def similarity_peak_memory(folder: Path | str, task: str, samples: int, max_tokens: int,
-                           data_dir: str | None, units: bool = False) -> int:
+                           data_dir: str | None, units: bool = False, dtype: str = "float32") -> int:
     """Peak memory (fresh process) of FedPruner's similarity probe on the layered model in
     ``folder``, as a client runs it: ``samples`` examples through the model one layer at a
     time with the global LoRA of every layer in hand, then the CKA matrices."""
     arguments = ["--folder", str(folder), "--task", task, "--max-tokens", str(max_tokens),
-                 "--similarity", str(samples)]
+                 "--similarity", str(samples), "--probe-dtype", dtype]
     if units:
         arguments.append("--units")
     if data_dir:
@@ -157,7 +157,8 @@ def _similarity(args: argparse.Namespace, examples, pad: int) -> None:
     lora = {name: torch.randn(shape) for index in range(folder_num_layers(args.folder))
             for name, shape in lora_shapes(args.folder, index, spec.r, spec.targets).items()}
     result = streamed_probe(args.folder, folder_num_layers(args.folder),
-                            probe_batches(list(examples), pad), lora=lora, units=args.units)
+                            probe_batches(list(examples), pad), lora=lora, units=args.units,
+                            dtype=getattr(torch, args.probe_dtype))
     layers, units = result if args.units else (result, None)
     cka_matrix(layers.outputs)
     if units is not None:
@@ -234,6 +235,8 @@ def main() -> None:
     parser.add_argument("--similarity", type=int, default=0, metavar="SAMPLES",
                         help="measure FedPruner's similarity probe on this many examples instead")
     parser.add_argument("--units", action="store_true", help="with --similarity: FedPruner+'s")
+    parser.add_argument("--probe-dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="with --similarity: how the kept rows are stored")
     print(json.dumps(_probe(parser.parse_args())))
 
 

@@ -173,6 +173,9 @@ def check_calibration(cfg: RunConfig) -> None:
         theirs = load_config(saved)
         differ = [name for name in ("model", "task", "batch_size", "max_tokens")
                   if getattr(theirs, name) != getattr(cfg, name)]
+        if "probe_peak_bytes" in json.loads(path.read_text()):  # the probe's peak: its settings too
+            differ += [f"fedpruner.{name}" for name in ("probe_samples", "probe_dtype")
+                       if getattr(theirs.fedpruner, name) != getattr(cfg.fedpruner, name)]
         if differ:
             raise ValueError(f"fedpruner.calibration {path} was measured with other "
                              f"{', '.join(differ)}; measure afresh (leave it empty)")

@@ -349,7 +349,7 @@ def probe(message: Message, context: Context) -> Message:
     result = streamed_probe(folder, config.num_layers, batches,
                             lora=read_lora_record(message.content["adapter"], config.wire),
                             spec=config.lora, skip_first=config.skip_first, max_tokens=config.max_tokens,
-                            units=config.units)
+                            units=config.units, dtype=getattr(torch, config.dtype))
     result, units = result if config.units else (result, None)
     arrays = {"similarity": cka_matrix(result.outputs).float(),
               "influence": torch.tensor(result.influence, dtype=torch.float32)}

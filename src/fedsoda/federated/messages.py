@@ -26,6 +26,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from fedsoda.dp_settings import DPSettings
 from fedsoda.methods.assignment import Assignment
+from fedsoda.methods.pruner_settings import PROBE_DTYPES
 from fedsoda.surgery.lora import LoraSpec
 from fedsoda.wire import Encoded, WireError, WireSettings, decode_tensor, encode
 
@@ -152,6 +153,7 @@ class ProbeConfig:
     skip_first: bool = True
     max_tokens: int = 2048
     units: bool = False  # FedPruner+: also the attention and MLP blocks' CKA and influence
+    dtype: str = "float32"  # how the kept rows are stored until CKA: float32 or bfloat16
     wire: WireSettings = WireSettings()  # how the global LoRA sent along is encoded
 
     @property
@@ -162,7 +164,7 @@ class ProbeConfig:
         return _record(self.data, self.lora, self.wire, self.files, {
             "run": self.run, "round": self.round, "num_layers": self.num_layers,
             "samples": self.samples, "skip_first": self.skip_first, "max_tokens": self.max_tokens,
-            "units": self.units})
+            "units": self.units, "dtype": self.dtype})
 
     @classmethod
     def from_record(cls, record) -> ProbeConfig:
@@ -173,9 +175,11 @@ class ProbeConfig:
                      data=DataSpec.from_record(record), lora=_lora(record, what),
                      samples=get("samples", int),
                      skip_first=get("skip_first", bool), max_tokens=get("max_tokens", int),
-                     units=get("units", bool), wire=_wire(record, what))
+                     units=get("units", bool), dtype=get("dtype", str), wire=_wire(record, what))
         if min(config.num_layers, config.samples, config.max_tokens) < 1:
             raise MessageError(f"{what}: num_layers, samples and max_tokens must be >= 1")
+        if config.dtype not in PROBE_DTYPES:
+            raise MessageError(f"{what}: dtype must be one of {PROBE_DTYPES}, got {config.dtype!r}")
         return config
 
 

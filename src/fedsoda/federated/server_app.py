@@ -240,7 +240,7 @@ def probe_round(session: Session, state: ServerState, request: ProbeRequest, sam
     config = ProbeConfig(run=run_key(cfg), round=state.round + 1, files=request.files,
                          num_layers=request.num_layers, data=data_spec(cfg), lora=session.server.lora,
                          samples=request.samples, skip_first=request.skip_first,
-                         max_tokens=request.max_tokens, units=request.units,
+                         max_tokens=request.max_tokens, units=request.units, dtype=request.dtype,
                          wire=cfg.wire).to_record()
     adapter = adapter_download(session, state, None)
     messages = []

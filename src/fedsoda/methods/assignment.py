@@ -81,6 +81,7 @@ class ProbeRequest:
     skip_first: bool = True
     max_tokens: int = 2048
     units: bool = False
+    dtype: str = "float32"  # how the kept rows are stored until CKA (fedpruner.probe_dtype)
 
 
 BY_BUDGETS = "budgets"  # client_layers: each client's layers from its memory budget

@@ -162,7 +162,7 @@ def similarity_peak(cfg, out: Path, folder: Path, notes: dict) -> int:
 
         notes["probe_peak_bytes"] = similarity_peak_memory(
             folder, cfg.task, cfg.fedpruner.probe_samples, cfg.max_tokens, cfg.data_folder,
-            units=cfg.fedpruner.granularity == "block")
+            units=cfg.fedpruner.granularity == "block", dtype=cfg.fedpruner.probe_dtype)
         (out / "budgets.json").write_text(json.dumps(notes, indent=1) + "\n")
     peak, smallest = notes["probe_peak_bytes"], min(notes["budgets"])
     if peak * (1 + cfg.fedpruner.headroom) > smallest:
@@ -189,7 +189,7 @@ def probe_request(server: Layered, cfg, state) -> ProbeRequest | None:
     return ProbeRequest(files=layered.files_of(server, range(server.num_layers)),
                         num_layers=server.num_layers, samples=cfg.fedpruner.probe_samples,
                         skip_first=cfg.fedpruner.skip_first,
-                        units=cfg.fedpruner.granularity == "block")
+                        units=cfg.fedpruner.granularity == "block", dtype=cfg.fedpruner.probe_dtype)
 
 
 def take_probes(server: Layered, cfg, state,

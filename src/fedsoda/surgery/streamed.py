@@ -58,14 +58,16 @@ class UnitProbe:
 def streamed_probe(folder: Path | str, num_layers: int, batches: Iterable[dict],
                    lora: dict[str, torch.Tensor] | None = None, spec: LoraSpec = LoraSpec(),
                    paths: dict[str, Path] | None = None, skip_first: bool = True,
-                   max_tokens: int | None = 2048, seed: int = 0, units: bool = False):
+                   max_tokens: int | None = 2048, seed: int = 0, units: bool = False,
+                   dtype: torch.dtype = torch.float32):
     """Every layer's output at the chosen tokens and its block influence (as
     ``fedsoda.surgery.cka.probe_layers`` reports them for a whole model), holding one layer;
     with ``units``, ``(LayerProbe, UnitProbe)``: each layer is also run with its MLP dropped
     (the same modules, put back after), which gives the stream after its attention block.
 
     ``lora`` holds full-model-named LoRA tensors for any layers (the global LoRA); a layer
-    without any runs without LoRA.
+    without any runs without LoRA. The kept rows are stored in ``dtype`` (bfloat16 halves
+    what the probe holds; CKA upcasts them to float64).
     """
     folder = Path(folder)
     where = lambda name: Path(paths[name]) if paths and name in paths else folder / name  # noqa: E731
@@ -84,7 +86,7 @@ def streamed_probe(folder: Path | str, num_layers: int, batches: Iterable[dict],
     # The token cap's rows, drawn before the pass (probe_layers draws the same ones after it):
     # each layer keeps only those, so what the probe holds does not grow with the prompts.
     rows = capped_rows(tokens, max_tokens, seed)
-    kept = lambda x: (x if rows is None else x[rows]).float()  # noqa: E731
+    kept = lambda x: (x if rows is None else x[rows]).to(dtype)  # noqa: E731
     found = {"out": [], "inf": [], "attn": [], "attn_inf": [], "mlp_inf": []}
     with torch.no_grad():
         hidden = embedded
