@@ -53,6 +53,20 @@ def test_report_writes_table_and_plot_and_refuses_mixed_settings(tmp_path, capsy
     assert "differ in task" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert "no summary.json" in capsys.readouterr().err
+    assert "rejected replies" not in table  # every reply of both runs was accepted
+
+
+def test_the_report_names_runs_that_lost_replies(tmp_path):
+    a = fake_run(tmp_path / "a", "fedsoda", 0, 0.81)
+    b = fake_run(tmp_path / "b", "fedsoda", 1, 0.80)
+    lost = [{"client": 5, "reason": "client error: out of memory"}, {"client": 2, "reason": "deadline"}]
+    rows = [{"round": 1, "bytes_down": 10, "bytes_up": 10, "rejected": []},
+            {"round": 2, "bytes_down": 10, "bytes_up": 10, "accuracy": 0.8, "rejected": lost}]
+    (b / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in rows))
+    assert main(["report", str(a), str(b), "--out", str(tmp_path / "report")]) == 0
+    table = (tmp_path / "report" / "table.md").read_text()
+    assert f"- {b}: 2 rejected replies (by round: 2: 2)" in table
+    assert f"- {a}:" not in table
 
 
 def with_rounds(folder, evaluations):

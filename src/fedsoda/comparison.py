@@ -306,6 +306,20 @@ def plot_comparison(runs: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
+def rejected_note(runs: list[dict]) -> str:
+    """A line per run that lost replies (a client error, a deadline, a screened reply): its
+    rounds trained on fewer clients than the config says, which a mean over seeds would hide
+    (a seed whose clients Ray killed for memory from round 13 on lost 32 of 100 replies)."""
+    lines = []
+    for run in runs:
+        lost = {m["round"]: len(m.get("rejected") or []) for m in run["metrics"] if m.get("rejected")}
+        if lost:
+            rounds = ", ".join(f"{r}: {n}" for r, n in sorted(lost.items()))
+            lines.append(f"- {run['folder']}: {sum(lost.values())} rejected replies (by round: {rounds})")
+    return ("\nRuns that lost replies (see each run's metrics.jsonl for why):\n\n"
+            + "\n".join(lines) + "\n") if lines else ""
+
+
 def write_report(run_folders: list[Path | str], out: Path | str) -> list[dict]:
     """``table.md``, ``table.json`` and ``compare.png`` for the given finished runs."""
     if not run_folders:
@@ -320,7 +334,8 @@ def write_report(run_folders: list[Path | str], out: Path | str) -> list[dict]:
         "last round also the accuracy at the option margin's best threshold, the margin's AUC and "
         "how often each option won (means over seeds):\n\n" + rounds_table(runs)
         + (f"\nClient memory (CPU peak RSS of a training step in a fresh process); the largest "
-           f"peak/budget is over every client and round of every seed:\n\n{memory}" if memory else ""))
+           f"peak/budget is over every client and round of every seed:\n\n{memory}" if memory else "")
+        + rejected_note(runs))
     (out / "table.json").write_text(json.dumps({"rows": rows, "runs": [r["folder"] for r in runs]},
                                                indent=2) + "\n")
     plot_comparison(runs, out / "compare.png")
