@@ -25,8 +25,7 @@ from pathlib import Path
 
 from fedsoda.accounting import client_peak_memory
 from fedsoda.budgets import MiB, calibrate_blocks, spread_blocks
-from fedsoda.models import load
-from fedsoda.surgery.layered import save_layered
+from fedsoda.surgery.layered import layered_folder
 
 
 def mib(value: float) -> float:
@@ -52,11 +51,7 @@ def main() -> None:
     settings = {"task": args.task, "batch_size": args.batch_size, "max_tokens": args.max_tokens,
                 "data_dir": args.data_dir}
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(args.folder) if args.folder else None
-        if folder is None:
-            model, tokenizer = load(args.model)
-            folder = save_layered(model, Path(tmp) / "layered", tokenizer)
-            del model
+        folder = layered_folder(args.model, tmp, args.folder)
         total = len(list(folder.glob("layer-*.safetensors")))
         memory = calibrate_blocks(folder, headroom=args.headroom, **settings)
         full = memory.points[0][2]

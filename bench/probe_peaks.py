@@ -21,8 +21,7 @@ from pathlib import Path
 
 from fedsoda.accounting import similarity_peak_memory
 from fedsoda.budgets import MiB
-from fedsoda.models import load
-from fedsoda.surgery.layered import save_layered
+from fedsoda.surgery.layered import layered_folder
 
 
 def main() -> None:
@@ -38,11 +37,7 @@ def main() -> None:
     began = time.perf_counter()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(args.folder) if args.folder else None
-        if folder is None:
-            model, tokenizer = load(args.model)
-            folder = save_layered(model, Path(tmp) / "layered", tokenizer)
-            del model
+        folder = layered_folder(args.model, tmp, args.folder)
         for units in (False, True):
             for dtype in ("float32", "bfloat16"):
                 peak = similarity_peak_memory(folder, args.task, args.samples, args.max_tokens,

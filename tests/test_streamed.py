@@ -110,3 +110,15 @@ def test_lora_shapes_from_a_layer_file_match_the_lora_peft_attaches(tmp_path):
     expected = {name: tuple(t.shape) for name, t in attached.items()}
     assert lora_shapes(tmp_path, 2, spec.r, spec.targets) == expected
     assert len(expected) == 2 * len(spec.targets)  # A and B of every target projection
+
+
+def test_layered_folder_uses_a_given_folder_or_writes_the_model_layered(tiny_model_dir, tmp_path):
+    import json
+
+    from fedsoda.surgery.layered import folder_num_layers, layered_folder
+
+    assert layered_folder("unused", tmp_path, given=tmp_path / "mine") == tmp_path / "mine"
+    written = layered_folder(str(tiny_model_dir), tmp_path)
+    layers = json.loads((tiny_model_dir / "config.json").read_text())["num_hidden_layers"]
+    assert written == tmp_path / "layered" and folder_num_layers(written) == layers
+    assert len(list(written.glob("layer-*.safetensors"))) == layers

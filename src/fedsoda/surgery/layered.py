@@ -25,7 +25,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.initialization import no_init_weights
 
-from fedsoda.models import decoder_layers, unwrap
+from fedsoda.models import decoder_layers, load, unwrap
 from fedsoda.surgery.cpu_matmul import use_fp32_matmuls
 from fedsoda.surgery.subllm import prune_config
 
@@ -61,6 +61,15 @@ def save_layered(model: nn.Module, folder: Path | str, tokenizer=None,
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     return folder
+
+
+def layered_folder(model: str, tmp: Path | str, given: Path | str | None = None) -> Path:
+    """``given``, a layered folder, as it is; else ``model`` loaded and written layered into
+    ``tmp`` (what the memory benches measure on: a client's files)."""
+    if given:
+        return Path(given)
+    full, tokenizer = load(model)
+    return save_layered(full, Path(tmp) / "layered", tokenizer)
 
 
 def folder_num_layers(folder: Path | str) -> int:
