@@ -1,10 +1,12 @@
 """Probing a layered model one layer at a time equals probing the whole model."""
 
+import json
+
 import torch
 
 from conftest import random_batches, tiny_model
 from fedsoda.surgery.cka import probe_layers
-from fedsoda.surgery.layered import load_layered, save_layered
+from fedsoda.surgery.layered import folder_num_layers, layered_folder, load_layered, save_layered
 from fedsoda.surgery.lora import LoraSpec, attach_lora, load_lora_state, lora_state
 from fedsoda.surgery.streamed import streamed_probe
 
@@ -113,10 +115,6 @@ def test_lora_shapes_from_a_layer_file_match_the_lora_peft_attaches(tmp_path):
 
 
 def test_layered_folder_uses_a_given_folder_or_writes_the_model_layered(tiny_model_dir, tmp_path):
-    import json
-
-    from fedsoda.surgery.layered import folder_num_layers, layered_folder
-
     assert layered_folder("unused", tmp_path, given=tmp_path / "mine") == tmp_path / "mine"
     written = layered_folder(str(tiny_model_dir), tmp_path)
     layers = json.loads((tiny_model_dir / "config.json").read_text())["num_hidden_layers"]
