@@ -56,8 +56,8 @@ def test_a_run_that_fails_in_flower_says_so_with_its_log(tiny_model_dir, shared_
                              f"out={tmp_path / 'run'}"])
     with pytest.raises(RuntimeError, match="the run failed; Flower's log of it: .*flower.log"):
         flower_run.run_with_flwr(cfg)
-    # Other Popens may come first (platform.architecture() runs `file` on a first call), so
-    # the SuperLink is found by its command, not by its place.
+    # Other Popens may come first (a clean-clone CI once saw `file`, as platform.architecture()
+    # runs it), so the SuperLink is found by its command, not by its place.
     links = [p for p in started if "flower-superlink" in str(p.args[0])]
     assert len(links) == 1 and links[0].poll() is not None, [p.args for p in started]
     assert not (tmp_path / "run" / "summary.json").exists()
