@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from fedsoda.federated.checkpoint import ServerState
 from fedsoda.federated.config import RunConfig
 from fedsoda.federated.simulation import simulate
 from fedsoda.methods.hier_settings import HierFedLoRASettings, parse_tiers
-from fedsoda.methods.hierfedlora import GroupPlan, merge
+from fedsoda.methods.hierfedlora import GroupPlan, meet_clients, merge, schedule
 from fedsoda.schedule import device_depth, device_tiers, round_speeds
 from fedsoda.surgery.lora import layer_of
 from test_federated_sim import Crash, same_adapter, tiny_config
@@ -57,6 +58,7 @@ def test_depth_d_groups_send_d_layers_and_merge_by_group(tiny_model_dir, shared_
     rounds = rounds_of(out)
     # Two intra-group rounds of all 4 devices, each sending 3 layers' LoRA up and down.
     assert [r["tau"] for r in rounds] == [[2, 2], [2, 2]] and rounds[0]["depth"] == [3, 3]
+    assert rounds[0]["member_depths"] == [[3] * len(g) for g in summary["groups"]]
     assert rounds[0]["params_up"] == rounds[0]["params_down"] == 2 * 4 * 3 * LAYER_LORA
     final = load_file(str(out / "checkpoint" / "adapter.safetensors"))
     trained = {layer_of(k) for k in final if "lora_B" in k and final[k].abs().sum() > 0}
@@ -141,6 +143,37 @@ def test_tiers_speeds_and_device_depths_by_hand():
     assert np.log(many).std() == pytest.approx(0.3, abs=0.01)
     # L = 30, grid 8, 15, 23, 30: speed 0.5 needs 15 layers, 0.25 needs 7.5 -> 8, 0.6 -> 18 -> 23.
     assert [device_depth(s, 1.0, (8, 15, 23, 30)) for s in (1.0, 0.5, 0.25, 0.6)] == [30, 15, 8, 23]
+
+
+def test_depth_only_schedule_gives_each_member_its_own_depth():
+    # L = 30, grid 8, 15, 23, 30; estimated speeds 1.0, 0.5, 0.25, 0.6 (fastest 1.0): depths
+    # 30, 15, 8 and 23 (0.6 of 30 layers is 18, rounded up the grid), one group, tau 1.
+    cfg = RunConfig(method="hierfedlora", clients=4, clients_per_round=4,
+                    hierfedlora=HierFedLoRASettings(groups=1, tau="1", depth="device"))
+    server = SimpleNamespace(num_layers=30)
+    state = SimpleNamespace(method={"groups": [[0, 1, 2, 3]],
+                                    "speed_estimate": [1.0, 0.5, 0.25, 0.6]})
+    assert schedule(server, cfg, state) == ([1], [[30, 15, 8, 23]])
+
+
+def test_clients_without_examples_join_no_group():
+    # Client 2 holds nothing (Dirichlet 0.1 leaves such clients); the other four split
+    # perfectly into two groups of one label-0 and one label-1 client (KL 0 each).
+    labels = {0: {0: 10, 1: 0}, 1: {0: 0, 1: 10}, 2: {0: 0, 1: 0}, 3: {0: 10, 1: 0},
+              4: {0: 0, 1: 10}}
+    declared = {pid: sum(mine.values()) for pid, mine in labels.items()}
+    cfg = RunConfig(method="hierfedlora", clients=5, clients_per_round=5,
+                    hierfedlora=HierFedLoRASettings(groups=2))
+    state = SimpleNamespace(method={})
+    meet_clients(None, cfg, state, declared, labels)
+    groups = state.method["groups"]
+    assert sorted(i for g in groups for i in g) == [0, 1, 3, 4]
+    assert all(sorted(labels[i][1] for i in g) == [0, 10] for g in groups)
+    assert state.method["kl"] == pytest.approx([0.0, 0.0], abs=1e-9)
+    assert len(state.method["examples"]) == 5 and state.method["examples"][2] == 0
+    too_many = dataclasses.replace(cfg, hierfedlora=HierFedLoRASettings(groups=5))
+    with pytest.raises(ValueError, match="only 4 of 5 clients hold examples"):
+        meet_clients(None, too_many, SimpleNamespace(method={}), declared, labels)
 
 
 def test_bad_settings_are_one_line_errors():

@@ -289,7 +289,9 @@ def play_round(session: Session, state: ServerState) -> tuple[RoundLog, dict]:
         return play_group_round(session, state)
     began = time.perf_counter()
     admit_nodes(session)
-    sampled = sample_clients(cfg, state.round + 1)
+    # A sampled client that declared no examples has nothing to train: it is not asked.
+    sampled = [pid for pid in sample_clients(cfg, state.round + 1)
+               if session.clients.declared.get(pid, 1) > 0]
     round_log = RoundLog(state.round + 1)
     request = method.probe_request(server, cfg, state) if hasattr(method, "probe_request") else None
     if request is not None:  # FedPruner: the clients' view of the global model first
@@ -335,6 +337,10 @@ def start(grid: Grid, cfg: RunConfig, resume: bool) -> tuple[Session, ServerStat
     method.load_state(server, state)
     paths = {digest: path for digest, path in server.files.values()}
     clients = handshake(grid, wait_for_nodes(grid, cfg.min_nodes or cfg.clients), cfg, list(paths))
+    empty = sorted(pid for pid, n in clients.declared.items() if n == 0)
+    if empty:
+        log.warning("clients %s hold no examples under partition %s: they never train",
+                    empty, cfg.partition)
     if hasattr(method, "meet_clients"):  # what a method needs of the handshake (label mixes)
         method.meet_clients(server, cfg, state, clients.declared, clients.labels)
     write_clients(out, clients)

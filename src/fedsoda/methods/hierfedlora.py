@@ -122,20 +122,27 @@ def depth_costs(cfg, server: Layered, depths) -> dict:
 
 def meet_clients(server: Layered, cfg, state, declared: dict[int, int],
                  labels: dict[int, dict[int, int]]) -> None:
-    """Form the groups from the declared label histograms and deal the device tiers (once:
-    a resumed run keeps what it had)."""
+    """Form the groups from the declared label histograms of the clients that hold examples
+    and deal the device tiers (once: a resumed run keeps what it had)."""
     if "groups" in state.method:
         return
     settings = cfg.hierfedlora
+    # A device with no examples (strong Dirichlet skew leaves some empty) has nothing to
+    # train: it joins no group, as a real device without local data would sit out.
+    active = [pid for pid in range(cfg.clients) if declared[pid] > 0]
+    if len(active) < settings.groups:
+        raise ValueError(f"only {len(active)} of {cfg.clients} clients hold examples under "
+                         f"partition {cfg.partition}: set hierfedlora.groups <= {len(active)} "
+                         "or use a larger Dirichlet beta")
     keys = sorted({k for mine in labels.values() for k in mine})
-    counts = np.array([[labels[pid].get(k, 0) for k in keys] for pid in range(cfg.clients)], float)
+    counts = np.array([[labels[pid].get(k, 0) for k in keys] for pid in active], float)
     seen = noisy_histograms(counts, settings.label_noise, cfg.seed)
     grouping = (near_iid_groups(seen, settings.groups) if settings.grouping == "near_iid"
                 else random_groups(seen, settings.groups, cfg.seed))
     tiers = parse_tiers(settings.tiers)
     tier_of = device_tiers(cfg.clients, [t[2] for t in tiers], cfg.seed)
     state.method.update(
-        groups=[list(g) for g in grouping.groups], kl=list(grouping.kl), label_keys=keys,
+        groups=[[active[i] for i in g] for g in grouping.groups], kl=list(grouping.kl), label_keys=keys,
         tiers=tier_of, speed_estimate=[tiers[t][0] for t in tier_of],
         examples=[declared[pid] for pid in range(cfg.clients)], clock=0.0)
 
@@ -183,7 +190,8 @@ def plan_groups(server: Layered, cfg, state) -> list[GroupPlan]:
             quantization="bf16", files=files, local_steps=cfg.local_steps,
             batch_size=cfg.batch_size, lr=cfg.lr, mu=cfg.mu) for pid, d in zip(members, mine, strict=True)}
         plans.append(GroupPlan(members=tuple(members), tau=k, assignments=assignments))
-    state.method["plan"] = {"tau": tau, "depth": [max(d) for d in depths]}
+    # member_depths, aligned with summary.json's groups, makes depth-only rounds checkable.
+    state.method["plan"] = {"tau": tau, "depth": [max(d) for d in depths], "member_depths": depths}
     return plans
 
 
