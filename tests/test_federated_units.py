@@ -16,7 +16,7 @@ from fedsoda.federated.messages import (
     to_record,
     write_files,
 )
-from fedsoda.federated.screening import screen_update
+from fedsoda.federated.screening import client_error, screen_update
 from fedsoda.training import proximal_term
 
 EXPECTED = {"a": torch.zeros(2, 3), "b": torch.zeros(4)}
@@ -119,3 +119,14 @@ def test_quick_flag_equals_the_quick_config():
 
     path = Path(__file__).resolve().parents[1] / "configs" / "quick.toml"
     assert load_config(None, QUICK + ["out=runs/quick"]) == load_config(path)
+
+
+def test_a_client_error_is_kept_as_its_message_line():
+    # What Flower's simulation hands the server when a client raises (abridged from a run).
+    wrapped = ("802e4acbb7c18e301000000, repr=<flwr.simulation.ray_transport.ray_actor."
+               "ClientAppActor object at 0x7fd3483d7a90>)\n           ^^^^^^\n  File \"/x/ray_actor.py"
+               "\", line 65, in run\n    raise ClientAppException(str(ex)) from ex\nflwr.clientapp."
+               "client_app.ClientAppException: \nException ClientAppException occurred. Message: "
+               "a client with no examples cannot train'>")
+    assert client_error(wrapped) == "client error: a client with no examples cannot train"
+    assert client_error("node 3 timed out\n after 60 s") == "client error: node 3 timed out after 60 s"

@@ -30,6 +30,13 @@ def too_large(record: ArrayRecord, sizes: list[int], fmt: str = "fp32", block: i
     return f"{size} bytes, over the {limit} its arrays can take; not decoded" if size > limit else ""
 
 
+def client_error(reason: str) -> str:
+    """A client's error as one line: Flower's simulation wraps the client's exception in the
+    Ray actor's traceback, of which only the closing ``Message: ...`` says what went wrong."""
+    message = reason.rsplit("Message: ", 1)[-1].strip().removesuffix("'>").strip()
+    return "client error: " + " ".join(message.split())[-300:]
+
+
 @dataclass(frozen=True)
 class Reply:
     """An accepted reply: the client's LoRA update (full-model names) and what it reported."""

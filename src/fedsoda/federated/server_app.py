@@ -42,7 +42,13 @@ from fedsoda.federated.nodes import (
 )
 from fedsoda.federated.report import RoundLog, RunProgress, write_summary
 from fedsoda.federated.robust import aggregate, bound_replies
-from fedsoda.federated.screening import Reply, expected_update, screen_probe, screen_reply
+from fedsoda.federated.screening import (
+    Reply,
+    client_error,
+    expected_update,
+    screen_probe,
+    screen_reply,
+)
 from fedsoda.federated.tracking import Tracker
 from fedsoda.methods import get_method
 from fedsoda.methods.assignment import Assignment, ProbeRequest
@@ -182,7 +188,7 @@ def train_round(session: Session, state: ServerState, assignments: dict[int, Ass
         heard.add(pid)
         if reply.has_error():
             errors.append(reply.error.reason)
-            round_log.reject(pid, f"client error: {reply.error.reason[-500:]}")
+            round_log.reject(pid, client_error(reply.error.reason))
             continue
         if pid not in assignments or pid in answered:
             round_log.reject(pid, "a reply from a client that was not sampled or already answered")
@@ -251,7 +257,7 @@ def probe_round(session: Session, state: ServerState, request: ProbeRequest, sam
     accepted = []
     for pid, reply in exchange(session, messages):
         if reply.has_error():
-            round_log.reject(pid, f"probe: client error: {reply.error.reason[-500:]}")
+            round_log.reject(pid, "probe: " + client_error(reply.error.reason))
             continue
         if "probe" in reply.content and isinstance(reply.content["probe"], ArrayRecord):
             round_log.up(reply.content["probe"])
