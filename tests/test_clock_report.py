@@ -32,5 +32,10 @@ def test_time_to_the_weakest_final_accuracy_and_speed_up(tmp_path):
     assert "| 80.0 ± 2.8 | 250 s | 1.00x | 400 s | 1.0 MiB | 30: 300 MiB | 0,1 |" in lines["| FedLoRA (flat)"]
     assert plot_accuracy_time(flat + hier, tmp_path / "t.png", row_of, paper_rank)
     assert (tmp_path / "t.png").stat().st_size > 0
+    # Depth-only FedLoRA: one group whose deepest member trains 30 layers, the other 8.
+    depth_only = run("1", "device", 1, 0, [(100, 0.80)])
+    depth_only["metrics"][0]["member_depths"] = [[30, 8, 8]]
+    depth_line = time_table(flat + [depth_only], row_of, paper_rank).splitlines()[-1]
+    assert "| 8: 100 MiB, 30: 300 MiB |" in depth_line
     assert time_table([{"summary": {"method": "fedra"}, "metrics": [{"round": 1}]}], row_of,
                       paper_rank) == ""
