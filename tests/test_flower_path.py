@@ -3,6 +3,8 @@ and gives what the in-process engine the fault tests use gives: the same adapter
 and the same metrics, with no deprecation warning and the server's progress drawn here."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -113,6 +115,32 @@ def test_ctrl_c_stops_the_superlink_and_says_how_to_go_on(tiny_model_dir, shared
             f"{tmp_path / 'run'}`)") in capsys.readouterr().err
     (link,) = started
     assert link.poll() is not None
+
+
+def test_sigterm_stops_the_superlink_as_ctrl_c_does(tiny_model_dir, shared_data, tmp_path,
+                                                    monkeypatch, capsys):
+    # `kill` or a scheduler's SIGTERM while `flwr run` streams: the same clean stop.
+    from fedsoda.federated import flower_run
+
+    started = []
+    real_popen = flower_run.subprocess.Popen
+    monkeypatch.setattr(flower_run.subprocess, "Popen",
+                        lambda *a, **k: started.append(real_popen(*a, **k)) or started[-1])
+
+    def terminated(*_args, **_kwargs):
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # else this kills pytest
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # the handler interrupts this
+        raise AssertionError("SIGTERM did not interrupt the run")
+
+    monkeypatch.setattr(flower_run.subprocess, "run", terminated)
+    argv = ["run", "--model", str(tiny_model_dir), "--data-dir", str(shared_data),
+            "--out", str(tmp_path / "run"), *(x for pair in TINY for x in ("--set", pair))]
+    assert cli.main(argv) == 130
+    assert "it ended before its first round" in capsys.readouterr().err
+    (link,) = started
+    assert link.poll() is not None
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored after the run
 
 
 def test_stop_ends_processes_the_superlink_started_in_sessions_of_their_own(tmp_path):

@@ -14,7 +14,8 @@ process of its own. So a run here is:
    a feed file (``fedsoda.progress_feed``) and is drawn here with the same bars as before
    (``fedsoda.phases.Mirror``).
 
-The SuperLink and everything it started are stopped when the run ends, fails or is interrupted.
+The SuperLink and everything it started are stopped when the run ends, fails or is interrupted
+(Ctrl-C, or SIGTERM from a scheduler, `timeout` or `kill`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
 
@@ -50,7 +53,7 @@ def run_with_flwr(cfg: RunConfig, resume: bool = False) -> dict:
         app = write_app(work / "app", cfg, resume)
         port = free_port()
         env = flower_env(work, port)
-        with open(log_path, "w") as log:
+        with open(log_path, "w") as log, terminate_as_interrupt():
             link = subprocess.Popen(
                 [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--isolation",
                  "subprocess", "--disable-runtime-dependency-installation", "--host",
@@ -75,6 +78,25 @@ def run_with_flwr(cfg: RunConfig, resume: bool = False) -> dict:
         raise RuntimeError(f"the run failed; Flower's log of it: {log_path}\n"
                            + tail(log_path))
     return json.loads(summary.read_text())
+
+
+@contextmanager
+def terminate_as_interrupt():
+    """SIGTERM ends the run as Ctrl-C does. Python's default is to die at once, skipping the
+    cleanup below, and the SuperLink's simulation (a session of its own) then trains on and
+    writes to the run folder beside whatever runs next. Signals reach the main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def write_app(folder: Path, cfg: RunConfig, resume: bool) -> Path:
