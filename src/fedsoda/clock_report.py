@@ -38,12 +38,17 @@ def _by_row(runs: list[dict], row_of) -> dict[str, list[dict]]:
     return grouped
 
 
+def _round_depths(round_: dict) -> list[int]:
+    """Every member's depth where the round records it (``member_depths``), else each
+    group's deepest (runs from before it was recorded)."""
+    if "member_depths" in round_:
+        return [depth for group in round_["member_depths"] for depth in group]
+    return round_.get("depth", [])
+
+
 def _depth_peaks(group: list[dict]) -> str:
-    """Measured training-step peak at each depth the row's runs trained at: every member's
-    (``member_depths``) where the rounds record it, else each group's deepest."""
-    used = sorted({d for run in group for m in run["metrics"]
-                   for d in ([d for g in m["member_depths"] for d in g] if "member_depths" in m
-                             else m.get("depth", []))})
+    """Measured training-step peak at each depth the row's runs trained at."""
+    used = sorted({d for run in group for m in run["metrics"] for d in _round_depths(m)})
     costs = group[0]["summary"]["depth_costs"]
     return ", ".join(f"{d}: {costs[str(d)]['peak_bytes'] / 2**20:.0f} MiB" for d in used
                      if str(d) in costs)
