@@ -94,23 +94,30 @@ def test_the_mirror_draws_what_the_server_sent(tmp_path, monkeypatch, capsys):
     assert printed.count("teacher cache: 3 batches in") == 2  # the server's own print, and ours
 
 
-def test_ctrl_c_stops_the_superlink_and_says_how_to_go_on(tiny_model_dir, shared_data, tmp_path,
-                                                          monkeypatch, capsys):
+def run_with_stand_in(stand_in, monkeypatch, model, data, out) -> tuple[int, list]:
+    """`fedsoda run` on the tiny model with `flwr run` replaced by ``stand_in``: its exit code
+    and the SuperLinks it started (real ones)."""
     from fedsoda.federated import flower_run
 
     started = []
     real_popen = flower_run.subprocess.Popen
     monkeypatch.setattr(flower_run.subprocess, "Popen",
                         lambda *a, **k: started.append(real_popen(*a, **k)) or started[-1])
+    monkeypatch.setattr(flower_run.subprocess, "run", stand_in)
+    argv = ["run", "--model", str(model), "--data-dir", str(data), "--out", str(out),
+            *(x for pair in TINY for x in ("--set", pair))]
+    return cli.main(argv), started
 
+
+def test_ctrl_c_stops_the_superlink_and_says_how_to_go_on(tiny_model_dir, shared_data, tmp_path,
+                                                          monkeypatch, capsys):
     def interrupted(*_args, **_kwargs):
         (tmp_path / "run" / "checkpoint").mkdir()  # as if a round had finished
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(flower_run.subprocess, "run", interrupted)
-    argv = ["run", "--model", str(tiny_model_dir), "--data-dir", str(shared_data),
-            "--out", str(tmp_path / "run"), *(x for pair in TINY for x in ("--set", pair))]
-    assert cli.main(argv) == 130
+    code, started = run_with_stand_in(interrupted, monkeypatch, tiny_model_dir, shared_data,
+                                      tmp_path / "run")
+    assert code == 130
     assert (f"interrupted; the run stopped (continue it with `fedsoda run --resume "
             f"{tmp_path / 'run'}`)") in capsys.readouterr().err
     (link,) = started
@@ -122,22 +129,16 @@ def test_sigterm_stops_the_superlink_as_ctrl_c_does(tiny_model_dir, shared_data,
     # `kill` or a scheduler's SIGTERM while `flwr run` streams: the same clean stop.
     from fedsoda.federated import flower_run
 
-    started = []
-    real_popen = flower_run.subprocess.Popen
-    monkeypatch.setattr(flower_run.subprocess, "Popen",
-                        lambda *a, **k: started.append(real_popen(*a, **k)) or started[-1])
-
     def terminated(*_args, **_kwargs):
         assert signal.getsignal(signal.SIGTERM) is flower_run._interrupt  # else this kills pytest
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(30)  # the handler interrupts this
         raise AssertionError("SIGTERM did not interrupt the run")
 
-    monkeypatch.setattr(flower_run.subprocess, "run", terminated)
     before = signal.getsignal(signal.SIGTERM)  # Python's default, or Ray's after an in-process test
-    argv = ["run", "--model", str(tiny_model_dir), "--data-dir", str(shared_data),
-            "--out", str(tmp_path / "run"), *(x for pair in TINY for x in ("--set", pair))]
-    assert cli.main(argv) == 130
+    code, started = run_with_stand_in(terminated, monkeypatch, tiny_model_dir, shared_data,
+                                      tmp_path / "run")
+    assert code == 130
     assert "it ended before its first round" in capsys.readouterr().err
     (link,) = started
     assert link.poll() is not None
