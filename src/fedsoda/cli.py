@@ -120,7 +120,9 @@ def _add_compare(commands) -> None:
     parser.add_argument("config", nargs="?", default=None, help="TOML config shared by all runs")
     parser.add_argument("--task", default="sst2", choices=["sst2", "boolq", "gsm8k"])
     parser.add_argument("--methods", default=None,
-                        help="comma-separated (default: every method, in the paper's order)")
+                        help="comma-separated (default: every method, in the paper's order); "
+                             "fedsoda-no_prealign, fedsoda-no_realign, fedsoda-no_align: "
+                             "the alignment ablation")
     parser.add_argument("--partition", default=None, help="iid | dirichlet:BETA")
     parser.add_argument("--seeds", default="0", help="comma-separated, e.g. 0,1,2")
     for flag in ("rounds", "clients", "clients-per-round", "eval-every", "eval-limit"):

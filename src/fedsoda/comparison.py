@@ -12,7 +12,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from fedsoda.clock_report import plot_accuracy_time, time_table
-from fedsoda.methods import ORDER, TITLES
+from fedsoda.methods import ORDER, RECIPES, TITLES
 from fedsoda.methods.hier_settings import VARIANTS, variant
 
 # FedPruner+ is FedPruner's block granularity, a row of its own; HierFedLoRA's baselines and
@@ -22,33 +22,43 @@ ROWS = (*ORDER[: ORDER.index("fedpruner") + 1], "fedpruner_plus",
         *VARIANTS)
 
 
-WIRE = " @ "  # a row of runs that sent LoRA in another wire format: "fedsoda @ nf4"
+# A row of runs with another setting: "fedsoda @ nf4", "fedsoda @ no pre-alignment".
+SETTING = " @ "
 
 
 def paper_rank(method: str) -> tuple[int, str]:
     """Position in the paper's table (methods it does not have come last), each method's
-    wire formats after its fp32 row."""
-    base, _, wire = method.partition(WIRE)
-    return (ROWS.index(base) if base in ROWS else len(ROWS)), wire
+    other settings (ablations, wire formats) after its own row."""
+    base, _, setting = method.partition(SETTING)
+    return (ROWS.index(base) if base in ROWS else len(ROWS)), setting
 
 
 def title(row: str) -> str:
-    base, _, wire = row.partition(WIRE)
-    return TITLES.get(base, base) + (f" ({wire})" if wire else "")
+    base, _, setting = row.partition(SETTING)
+    return TITLES.get(base, base) + (f" ({setting})" if setting else "")
+
+
+def ablation(summary: dict) -> list[str]:
+    """The alignment steps a recipe method's run left out (the FedSODA paper's ablation)."""
+    recipe = RECIPES.get(summary["method"])
+    if recipe is None:
+        return []
+    return (["no pre-alignment"] if recipe.pre_align and not summary.get("pre_align", True) else []) + (
+        ["no realignment"] if recipe.realign != "never" and summary.get("realign_every") == 0 else [])
 
 
 def row_of(summary: dict) -> str:
     """The table row a run belongs to: its method, FedPruner+ apart from FedPruner, and a
-    row of its own for each wire format other than fp32 and each DP setting."""
+    row of its own for each alignment ablation, wire format other than fp32 and DP setting."""
     if summary["method"] == "hierfedlora":
         base = variant(len(summary["groups"]), summary["grouping"], summary["tau_setting"],
                        summary["depth_setting"])
     else:
         base = "fedpruner_plus" if summary.get("granularity") == "block" else summary["method"]
     wire, dp = summary.get("wire", "fp32"), summary.get("dp")
-    variants = ([] if wire == "fp32" else [wire]) + (
+    variants = ablation(summary) + ([] if wire == "fp32" else [wire]) + (
         [f"DP clip {dp['clip']:g}, sigma {dp['noise']:g}"] if dp else [])
-    return f"{base}{WIRE}{', '.join(variants)}" if variants else base
+    return f"{base}{SETTING}{', '.join(variants)}" if variants else base
 
 
 def read_run(folder: Path | str) -> dict:

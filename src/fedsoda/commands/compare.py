@@ -21,6 +21,28 @@ def _split(text: str, kind=str) -> list:
     return items
 
 
+# The FedSODA paper's alignment ablation (Tables 3, 5 and 6) as names `--methods` takes
+# beside the methods': fedsoda-no_prealign, fedsoda-no_realign, fedsoda-no_align.
+ABLATIONS = {"no_prealign": {"pre_align": False}, "no_realign": {"realign_every": 0},
+             "no_align": {"pre_align": False, "realign_every": 0}}
+
+
+def method_item(item: str) -> tuple[str, dict]:
+    """``fedsoda-no_realign`` -> ``("fedsoda", {"realign_every": 0})``; a method name as is."""
+    from fedsoda.methods import RECIPES
+
+    method, _, ablation = item.partition("-")
+    if ablation and ablation not in ABLATIONS:
+        raise ValueError(f"{item!r}: an ablation is METHOD-{'|'.join(ABLATIONS)}, e.g. fedsoda-no_align")
+    settings = ABLATIONS.get(ablation, {})
+    recipe = RECIPES.get(method)
+    if "realign_every" in settings and getattr(recipe, "realign", "never") != "every_r":
+        raise ValueError(f"{item!r}: {method} has no realignment period to turn off (only "
+                         f"{', '.join(n for n, r in RECIPES.items() if r.realign == 'every_r')} "
+                         "realigns every realign_every rounds)")
+    return method, settings
+
+
 # Where the data lives and where the run is written are not settings of the experiment.
 NOT_SETTINGS = ("out", "data_dir")
 
@@ -55,9 +77,10 @@ def compare_command(args: argparse.Namespace) -> list[dict]:
     out = Path(args.out)
     plans = []  # every config is checked before the first run starts
     for seed in _split(args.seeds, int):
-        for method in _split(args.methods or ",".join(ORDER)):
-            folder = out / f"{method}-seed{seed}"
-            flags = {"method": method, "task": args.task, "partition": args.partition,
+        for item in _split(args.methods or ",".join(ORDER)):
+            folder = out / f"{item}-seed{seed}"
+            method, ablation = method_item(item)
+            flags = {**ablation, "method": method, "task": args.task, "partition": args.partition,
                      "seed": seed, "out": str(folder), "rounds": args.rounds,
                      "clients": args.clients, "clients_per_round": args.clients_per_round,
                      "eval_every": args.eval_every, "eval_limit": args.eval_limit,

@@ -49,6 +49,9 @@ class RunConfig:
     lr: float = 1e-4  # client AdamW (0.9, 0.95)
     mu: float = 0.01  # FedProx proximal weight
     realign_every: int = 5  # r (FedSODA); 0 turns realignment off; FedOT/FedBiOT fix their own
+    # false: skip the method's pre-alignment (with realign_every = 0, the FedSODA paper's
+    # alignment ablation, Tables 3, 5 and 6)
+    pre_align: bool = True
     partition: str = "iid"  # iid | dirichlet:BETA
     seed: int = 0
     max_tokens: int = 256  # training sequence length (prompt + answer)
@@ -94,10 +97,14 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         # Deferred: fedsoda.methods loads torch, and `fedsoda --help` reads this module's fields.
-        from fedsoda.methods import ORDER
+        from fedsoda.methods import ORDER, RECIPES
 
         if self.method not in ORDER:
             raise ValueError(f"method must be one of {', '.join(ORDER)}, got {self.method!r}")
+        if not self.pre_align and not getattr(RECIPES.get(self.method), "pre_align", False):
+            aligning = ", ".join(name for name, recipe in RECIPES.items() if recipe.pre_align)
+            raise ValueError(f"pre_align = false removes the pre-alignment of {aligning}; "
+                             f"{self.method} has none to remove")
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.clients < 1 or not 1 <= self.clients_per_round <= self.clients:

@@ -60,7 +60,7 @@ def prepare(cfg, out: Path, resume: bool) -> Offsite:
     """The recipe's client model (built, or reopened on resume) and the server's models."""
     from fedsoda.methods import get_recipe  # the package's registry imports this module
 
-    recipe = get_recipe(cfg.method)
+    recipe = get_recipe(cfg.method).as_run(cfg.pre_align, cfg.realign_every)
     models = server_models.prepare(recipe, cfg.model, cfg.prune, cfg.align, cfg.data_folder,
                                    out, pre_align=not resume)
     server = Offsite(recipe=recipe, models=models, files=folder_files(models.folder / "model"))

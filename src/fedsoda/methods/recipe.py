@@ -6,7 +6,7 @@ choices, so the server, the clients and the accounting run one code path for all
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 PRUNING = ("sgp", "uniform", "none")
 REALIGN = ("every_r", "every_round", "never")
@@ -34,6 +34,14 @@ class Recipe:
     def aligns(self) -> bool:
         """Whether the server ever distils the emulator (and so uses the align settings)."""
         return self.pre_align or self.realign != "never"
+
+    def as_run(self, pre_align: bool, realign_every: int) -> Recipe:
+        """The recipe a run follows: without pre-alignment when the run turns it off
+        (``pre_align = false``), and never realigning when its period is 0, so the paper's
+        alignment ablation (Tables 3, 5, 6) is this recipe with one or both steps removed and
+        its table columns say which."""
+        return replace(self, pre_align=self.pre_align and pre_align,
+                       realign=self.realign if realign_every else "never")
 
     def realign_every(self, configured: int) -> int:
         """The realignment period this method runs with (0: never)."""
