@@ -11,6 +11,11 @@ round ``--realign-every`` as FedSODA does), and is probed again. Finally the tra
 plugged into the full LLM and SST-2 validation is scored: accuracy, best-threshold accuracy
 and AUC of the option margin (zero-shot first, as the reference).
 
+Each probe also takes the option loss's figures (``options``: the loss over " negative" and
+" positive" alone at the first answer token, the gradient that ranks examples); ``--table``
+shows its cosines where a variant has them (runs after 2026-12-06:
+``--out bench/fidelity_sweep_options.json``).
+
 One model load; each plan's teacher cache is built once. Resumable: variants already in
 ``--out`` are skipped. Variants (``--variants``, comma-separated) are in ``VARIANTS``.
 """
@@ -30,7 +35,7 @@ from fedsoda.align.oda import AlignSettings, pre_align, public_caches, realign
 from fedsoda.data.task import EncodedExamples, load_rows, pad_id
 from fedsoda.data.tasks import get_task
 from fedsoda.evaluate.tasks import evaluate, evaluation_rows
-from fedsoda.fidelity import gradient_fidelity, probe_batches
+from fedsoda.fidelity import gradient_fidelity, option_token_ids, probe_batches
 from fedsoda.methods import RECIPES
 from fedsoda.methods.client_model import recipe_plan
 from fedsoda.models import load
@@ -111,7 +116,8 @@ def run_oracle(name, full, tokenizer, args, task, examples, train) -> dict:
             "seconds": time.perf_counter() - began}
 
 
-def run_variant(name, full, tokenizer, args, task, examples, train, batches, caches, tmp) -> dict:
+def run_variant(name, full, tokenizer, args, task, examples, train, probe, caches, tmp) -> dict:
+    """``probe``: the fidelity batches and the option tokens."""
     if name in ORACLES:
         return run_oracle(name, full, tokenizer, args, task, examples, train)
     recipe_name, prune_changes, align_changes, rank, lr = VARIANTS[name]
@@ -137,32 +143,41 @@ def run_variant(name, full, tokenizer, args, task, examples, train, batches, cac
                                         lora_layers=sub.emulator_layers)
     full_layers = plan.full_adapter_layers
     result["fidelity_initial"] = gradient_fidelity(sub.model, sub.adapter_layers, teacher,
-                                                   full_layers, batches)
+                                                   full_layers, *probe)
     result["rounds"] = train_rounds(sub, plan, teacher, public, settings, train, args,
                                     pad_id(tokenizer), lr)
     result["fidelity_trained"] = gradient_fidelity(sub.model, sub.adapter_layers, teacher,
-                                                   full_layers, batches)
+                                                   full_layers, *probe)
     result["scores"] = scores(teacher, tokenizer, task, examples)
     result["seconds"] = time.perf_counter() - began
     return result
+
+
+def _cells(value: dict) -> list[str]:
+    """A variant's probe cells: cosines (full-vocabulary loss, then the option loss where
+    measured), emulator error and norm ratio; an oracle's are 1 and 0 by construction."""
+    start, end = value.get("fidelity_initial"), value.get("fidelity_trained")
+    if not start:
+        return ["1 (the full LLM)", "0", "1", "1", "1", "1"]
+    options = [f"{start['options']['cosine']:.2f}", f"{end['options']['cosine']:.2f}"] \
+        if "options" in start else ["", ""]
+    return [f"{start['cosine']:.2f}", f"{start['emulator_error']:.2f}", f"{end['cosine']:.2f}",
+            f"{end['norm_ratio']:.2f}", *options]
 
 
 def table(results: dict) -> str:
     """The README's table: one row per variant measured, zero-shot first."""
     zero = results["zero_shot"]
     lines = ["| variant | cosine, initial adapter | emulator error | cosine, trained | norm ratio, "
-             "trained | accuracy | best-threshold | AUC |", "|---|---|---|---|---|---|---|---|",
-             f"| zero-shot (no adapter) | | | | | {100 * zero['accuracy']:.1f} "
+             "trained | option cosine, initial | option cosine, trained | accuracy "
+             "| best-threshold | AUC |", "|---|---|---|---|---|---|---|---|---|---|",
+             f"| zero-shot (no adapter) | | | | | | | {100 * zero['accuracy']:.1f} "
              f"| {100 * zero['best_threshold_accuracy']:.1f} | {zero['auc']:.3f} |"]
     for name, value in results.items():
         if name in ("args", "zero_shot"):
             continue
-        start, end = value.get("fidelity_initial"), value.get("fidelity_trained")
-        cells = ([f"{start['cosine']:.2f}", f"{start['emulator_error']:.2f}",
-                  f"{end['cosine']:.2f}", f"{end['norm_ratio']:.2f}"] if start
-                 else ["1 (the full LLM)", "0", "1", "1"])
         score = value["scores"]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {100 * score['accuracy']:.1f} "
+        lines.append(f"| {name} | " + " | ".join(_cells(value)) + f" | {100 * score['accuracy']:.1f} "
                      f"| {100 * score['best_threshold_accuracy']:.1f} | {score['auc']:.3f} |")
     return "\n".join(lines) + "\n"
 
@@ -193,7 +208,8 @@ def main() -> None:
     rows = load_rows(task, task.train_split, args.data_dir)
     random.Random(1).shuffle(rows)  # not the probe's draw (seed 0)
     train = EncodedExamples(task, rows[: args.rounds * args.steps * 8 * 2], tokenizer, 256)
-    batches = probe_batches(task, args.data_dir, tokenizer, 256, 4, 8)
+    probe = (probe_batches(task, args.data_dir, tokenizer, 256, 4, 8),
+             option_token_ids(tokenizer, task.options))
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {"args": vars(args)}
 
@@ -209,7 +225,7 @@ def main() -> None:
         for name in names:
             if name not in results:
                 record(name, run_variant(name, full, tokenizer, args, task, examples, train,
-                                         batches, caches, tmp))
+                                         probe, caches, tmp))
 
 
 if __name__ == "__main__":
