@@ -20,8 +20,8 @@ def test_titles_and_order_come_from_the_method_modules():
     # so are HierFedLoRA's baselines and ablations (its settings), after HierFedLoRA.
     assert set(TITLES) == set(ORDER) | {"fedpruner_plus"} | set(VARIANTS)
     assert set(RECIPES) <= set(ORDER)
-    assert [paper_rank(name) for name in PAPER] == [(0, ""), (1, ""), (2, ""), (3, "")]
-    assert paper_rank("fedx") == (len(ROWS), "") and set(ROWS) == set(TITLES)
+    assert [paper_rank(name) for name in PAPER] == [(0, 0, ""), (1, 0, ""), (2, 0, ""), (3, 0, "")]
+    assert paper_rank("fedx") == (len(ROWS), 0, "") and set(ROWS) == set(TITLES)
     # A wire format's row sorts right after its method's fp32 row, before the next method.
     rows = sorted(["fedot", "fedsoda @ nf4", "fedsoda", "fedbiot"], key=paper_rank)
     assert rows == ["fedot", "fedbiot", "fedsoda", "fedsoda @ nf4"]

@@ -26,11 +26,17 @@ ROWS = (*ORDER[: ORDER.index("fedpruner") + 1], "fedpruner_plus",
 SETTING = " @ "
 
 
-def paper_rank(method: str) -> tuple[int, str]:
+# What an alignment ablation leaves out, in the order of the paper's ablation tables.
+LEFT_OUT = ("no pre-alignment", "no realignment")
+
+
+def paper_rank(method: str) -> tuple[int, int, str]:
     """Position in the paper's table (methods it does not have come last), each method's
-    other settings (ablations, wire formats) after its own row."""
+    other settings after its own row: wire formats, then its ablations as the paper orders
+    them (one step left out, then both)."""
     base, _, setting = method.partition(SETTING)
-    return (ROWS.index(base) if base in ROWS else len(ROWS)), setting
+    return ((ROWS.index(base) if base in ROWS else len(ROWS)),
+            sum(step in setting for step in LEFT_OUT), setting)
 
 
 def title(row: str) -> str:
@@ -43,8 +49,9 @@ def ablation(summary: dict) -> list[str]:
     recipe = RECIPES.get(summary["method"])
     if recipe is None:
         return []
-    return (["no pre-alignment"] if recipe.pre_align and not summary.get("pre_align", True) else []) + (
-        ["no realignment"] if recipe.realign != "never" and summary.get("realign_every") == 0 else [])
+    left_out = (recipe.pre_align and not summary.get("pre_align", True),
+                recipe.realign != "never" and summary.get("realign_every") == 0)
+    return [step for step, out in zip(LEFT_OUT, left_out, strict=True) if out]
 
 
 def row_of(summary: dict) -> str:
