@@ -105,6 +105,10 @@ class RunConfig:
             aligning = ", ".join(name for name, recipe in RECIPES.items() if recipe.pre_align)
             raise ValueError(f"pre_align = false removes the pre-alignment of {aligning}; "
                              f"{self.method} has none to remove")
+        if self.realign_every == 0 and getattr(RECIPES.get(self.method), "realign", "") == "every_round":
+            raise ValueError(f"{self.method} realigns after every round by its recipe, so realign_every "
+                             "= 0 would be ignored; for the ablation without realignment use fedsoda "
+                             "(fedsoda compare --methods fedsoda-no_realign)")
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.clients < 1 or not 1 <= self.clients_per_round <= self.clients:
