@@ -31,11 +31,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedsoda.align.oda import AlignSettings, pre_align, public_caches, realign
+from fedsoda.align.oda import AlignSettings, pre_align, public_caches, realign, task_caches
 from fedsoda.data.task import EncodedExamples, load_rows, pad_id
 from fedsoda.data.tasks import get_task
 from fedsoda.evaluate.tasks import evaluate, evaluation_rows
-from fedsoda.fidelity import gradient_fidelity, option_token_ids, probe_batches
+from fedsoda.fidelity import gradient_fidelity, option_token_ids, probe_batches, probe_rows
 from fedsoda.methods import RECIPES
 from fedsoda.methods.client_model import recipe_plan
 from fedsoda.models import load
@@ -60,7 +60,16 @@ VARIANTS = {
     "epochs16": ("fedsoda", {}, {"epochs": 16}, 8, None),
     "default_lr1e-3": ("fedsoda", {}, {}, 8, 1e-3),
     "adapter6_lr1e-3": ("fedsoda", {"adapter_layers": 6}, {}, 8, 1e-3),
+    # Aligned on SST-2 training examples no client or probe holds (TASK_ALIGNED), not WikiText:
+    "task_public": ("fedsoda", {}, {}, 8, None),
+    "task_options": ("fedsoda", {}, {"option_weight": 1.0}, 8, None),
+    "task_options_w10": ("fedsoda", {}, {"option_weight": 10.0}, 8, None),
+    "task_options_epochs4": ("fedsoda", {}, {"option_weight": 1.0, "epochs": 4}, 8, None),
+    "task_options_all": ("fedsoda_all", {}, {"option_weight": 1.0}, 8, None),
 }
+# Variants whose alignment data are task examples (the FedSODA paper's section 6.3.2), with
+# the option KL at each example's decision position weighted by their ``option_weight``.
+TASK_ALIGNED = {name for name in VARIANTS if name.startswith("task_")}
 # The ceilings: the adapter trained on the full LLM itself (fidelity 1 by construction), with
 # the quickstart's adapter (3 layers) and lr, or the variant's: name -> (adapter layers, lr).
 ORACLES = {"oracle": (3, None), "oracle_lr1e-3": (3, 1e-3), "oracle_adapter6": (6, None),
@@ -116,8 +125,10 @@ def run_oracle(name, full, tokenizer, args, task, examples, train) -> dict:
             "seconds": time.perf_counter() - began}
 
 
-def run_variant(name, full, tokenizer, args, task, examples, train, probe, caches, tmp) -> dict:
-    """``probe``: the fidelity batches and the option tokens."""
+def run_variant(name, full, tokenizer, args, task, examples, train, probe, caches, tmp,
+                aligning_rows) -> dict:
+    """``probe``: the fidelity batches and the option tokens; ``aligning_rows``: the task
+    examples TASK_ALIGNED variants align on."""
     if name in ORACLES:
         return run_oracle(name, full, tokenizer, args, task, examples, train)
     recipe_name, prune_changes, align_changes, rank, lr = VARIANTS[name]
@@ -131,12 +142,17 @@ def run_variant(name, full, tokenizer, args, task, examples, train, probe, cache
                        seed=settings.seed, emulator_lora=recipe.emulator_lora)
     teacher = plug_adapter(copy.deepcopy(full), sub.adapter_lora(), plan, sub.spec)
     result: dict = {"plan": plan.kept_layers, "adapter_layers": plan.full_adapter_layers,
-                    "rank": rank, "lr": lr, "align": align_changes}
+                    "rank": rank, "lr": lr, "align": align_changes,
+                    "align_data": "sst2 train" if name in TASK_ALIGNED else "wikitext-2"}
     public = None
     if align_changes is not None:
         key = (tuple(plan.kept_layers), tuple(plan.full_adapter_layers), settings.samples,
-               settings.seq_len)
-        if key not in caches:  # the teacher's emulator does not depend on the adapter
+               settings.seq_len, name in TASK_ALIGNED)
+        # The teacher's emulator does not depend on the adapter: one cache per plan and data.
+        if key not in caches and name in TASK_ALIGNED:
+            caches[key] = task_caches(teacher, plan, tokenizer, task, aligning_rows, settings,
+                                      tuple(probe[1]))
+        elif key not in caches:
             caches[key] = public_caches(teacher, plan, tokenizer, settings, args.data_dir)
         public, heldout = caches[key]
         result["pre_align"] = pre_align(teacher, sub.model, plan, public, heldout, settings,
@@ -207,7 +223,11 @@ def main() -> None:
     examples = evaluation_rows(task, args.data_dir, args.eval_limit or None)  # scored rows
     rows = load_rows(task, task.train_split, args.data_dir)
     random.Random(1).shuffle(rows)  # not the probe's draw (seed 0)
-    train = EncodedExamples(task, rows[: args.rounds * args.steps * 8 * 2], tokenizer, 256)
+    used = args.rounds * args.steps * 8 * 2
+    train = EncodedExamples(task, rows[:used], tokenizer, 256)
+    probed = {json.dumps(row, sort_keys=True) for row in probe_rows(task, args.data_dir)}
+    aligning_rows = [row for row in rows[used: used + 1000]
+                     if json.dumps(row, sort_keys=True) not in probed]
     probe = (probe_batches(task, args.data_dir, tokenizer, 256, 4, 8),
              option_token_ids(tokenizer, task.options))
     out = Path(args.out)
@@ -225,7 +245,7 @@ def main() -> None:
         for name in names:
             if name not in results:
                 record(name, run_variant(name, full, tokenizer, args, task, examples, train,
-                                         probe, caches, tmp))
+                                         probe, caches, tmp, aligning_rows))
 
 
 if __name__ == "__main__":

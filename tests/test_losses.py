@@ -10,6 +10,7 @@ from fedsoda.align.losses import (
     alignment_loss,
     kl_divergence,
     masked_mse,
+    option_kl,
     relative_mse,
 )
 from fedsoda.align.settings import REP_LOSS_NAMES, AlignSettings
@@ -56,6 +57,20 @@ def test_kl_is_mean_over_rows():
 def test_alignment_loss_weights():
     loss = alignment_loss(torch.tensor(1.0), torch.tensor(2.0), torch.tensor(4.0), 0.5, 2.0)
     assert loss.item() == 0.5 * 3.0 + 2.0 * 4.0
+    with_options = alignment_loss(torch.tensor(1.0), torch.tensor(2.0), torch.tensor(4.0), 0.5,
+                                  2.0, torch.tensor(3.0), 0.25)
+    assert with_options.item() == 0.5 * 3.0 + 2.0 * 4.0 + 0.25 * 3.0
+
+
+def test_option_kl_by_hand():
+    # Three logit rows over a 4-token vocabulary; options are tokens 1 and 3; row 1 decides.
+    teacher = torch.tensor([[9.0, 9.0, 9.0, 9.0], [5.0, 0.0, -7.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    student = torch.tensor([[0.0, 0.0, 0.0, 0.0], [-3.0, 0.0, 8.0, math.log(3.0)], [0.0] * 4])
+    # Over the options alone: teacher (1/2, 1/2), student (1/4, 3/4); the other tokens and
+    # rows do not count.
+    expected = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    got = option_kl(teacher, student, torch.tensor([1]), [1, 3])
+    assert math.isclose(got.item(), expected, rel_tol=1e-6)
 
 
 def test_the_settings_know_every_representation_loss_and_no_other():

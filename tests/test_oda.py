@@ -12,6 +12,7 @@ from fedsoda.align.oda import (
     Layout,
     align,
     cache_teacher,
+    decision_rows,
     measure,
     realign,
     realign_indices,
@@ -82,6 +83,33 @@ def test_relative_representation_loss_aligns_too(setup):
     assert after["rep"] < 0.9 * before["rep"]
 
 
+def test_decision_rows_index_the_token_before_each_first_answer_token():
+    # Right-padded rows of 5, 3 and 4 real tokens; answers start at positions 3, 2 and 1.
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0]])
+    labels = torch.full((3, 5), -100)
+    labels[0, 3:5], labels[1, 2], labels[2, 1:4] = 7, 7, 7
+    # Flattened real tokens: row 0 at 0..4, row 1 at 5..7, row 2 at 8..11.
+    assert decision_rows({"attention_mask": mask, "labels": labels}).tolist() == [2, 6, 8]
+
+
+def test_the_option_weight_aligns_how_the_models_rank_the_options(setup):
+    _, sub, teacher = setup
+    batches = random_batches(4)
+    for batch in batches:  # every row's last real token is its answer; options 3 and 11
+        labels = torch.full_like(batch["input_ids"], -100)
+        last = batch["attention_mask"].sum(dim=1) - 1
+        labels[torch.arange(len(last)), last] = 3
+        batch["labels"] = labels
+    cache = cache_teacher(teacher, PLAN, batches, option_ids=(3, 11))
+    before = measure(teacher, sub.model, PLAN, cache)
+    # Only the option term weighs: it alone must fall.
+    settings = AlignSettings(lr=1e-3, alpha=0.0, beta=1e-9, option_weight=1.0)
+    align(teacher, sub.model, PLAN, cache, settings, epochs=10)
+    after = measure(teacher, sub.model, PLAN, cache)
+    assert after["options"] < 0.1 * before["options"]  # measured: 7.4e-4 -> 3.4e-6
+    assert "options" not in measure(teacher, sub.model, PLAN, cache_teacher(teacher, PLAN, batches))
+
+
 def test_realign_subset_is_seeded_and_bounded():
     cache = cache_teacher(tiny_model(), PLAN, random_batches(10))
     settings = AlignSettings(realign_samples=9, batch_size=3)
@@ -113,5 +141,7 @@ def test_bad_settings():
         AlignSettings(alpha=0, beta=0)
     with pytest.raises(ValueError):
         AlignSettings(lr=0)
+    with pytest.raises(ValueError, match="option_weight must be >= 0"):
+        AlignSettings(option_weight=-1.0)
     with pytest.raises(ValueError, match="rep_loss"):
         AlignSettings(rep_loss="cosine")

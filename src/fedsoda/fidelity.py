@@ -51,6 +51,13 @@ def task_batches(encoded: Sequence[dict[str, list[int]]], pad_id: int, batches: 
     return [collate(picked[start: start + size], pad_id) for start in range(0, len(picked), size)]
 
 
+def probe_rows(task: Task, data_dir: str | None, count: int = 32) -> list[dict]:
+    """The first ``count`` rows of the task's training split under the probe's fixed draw."""
+    rows = load_rows(task, task.train_split, data_dir)
+    random.Random(0).shuffle(rows)
+    return rows[:count]
+
+
 def probe_batches(task: Task, data_dir: str | None, tokenizer, max_tokens: int, batches: int,
                   size: int) -> list[dict[str, torch.Tensor]]:
     """``batches`` batches of ``size`` examples of the task's training split, drawn with one
@@ -60,9 +67,7 @@ def probe_batches(task: Task, data_dir: str | None, tokenizer, max_tokens: int, 
     examples; a deployment's server without the training split would point ``data_dir`` at a
     sample of its own.
     """
-    rows = load_rows(task, task.train_split, data_dir)
-    random.Random(0).shuffle(rows)
-    encoded = EncodedExamples(task, rows[: batches * size], tokenizer, max_tokens)
+    encoded = EncodedExamples(task, probe_rows(task, data_dir, batches * size), tokenizer, max_tokens)
     return task_batches(encoded, pad_id(tokenizer), batches, size)
 
 

@@ -37,7 +37,18 @@ def kl_divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor) ->
     return (teacher_log.exp() * (teacher_log - student_log)).sum(dim=-1).mean()
 
 
+def option_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, rows: torch.Tensor,
+              option_ids: list[int]) -> torch.Tensor:
+    """``KL(p_teacher || p_student)`` over the options alone, at the logit rows ``rows`` (each
+    example's decision position): how differently the two models rank the answers, which the
+    vocabulary-wide KL hardly weighs (two tokens of 49k)."""
+    choices = torch.tensor(option_ids)
+    return kl_divergence(teacher_logits[rows][:, choices], student_logits[rows][:, choices])
+
+
 def alignment_loss(inter: torch.Tensor, final: torch.Tensor, kl: torch.Tensor,
-                   alpha: float, beta: float) -> torch.Tensor:
-    """``alpha * (L_inter + L_final) + beta * L_KL``."""
-    return alpha * (inter + final) + beta * kl
+                   alpha: float, beta: float, options: torch.Tensor | None = None,
+                   gamma: float = 0.0) -> torch.Tensor:
+    """``alpha * (L_inter + L_final) + beta * L_KL (+ gamma * L_options)``."""
+    loss = alpha * (inter + final) + beta * kl
+    return loss + gamma * options if options is not None and gamma else loss

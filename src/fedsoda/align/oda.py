@@ -20,15 +20,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fedsoda.align.losses import REPRESENTATION_LOSSES, alignment_loss, kl_divergence
+from fedsoda.align.losses import REPRESENTATION_LOSSES, alignment_loss, kl_divergence, option_kl
 from fedsoda.align.settings import AlignSettings
 from fedsoda.data.public import public_batches
+from fedsoda.data.task import IGNORE_INDEX, EncodedExamples, Task, pad_id
 from fedsoda.models import unwrap
 from fedsoda.phases import phase
 from fedsoda.surgery.lora import set_trainable
 from fedsoda.surgery.plan import PruningPlan
 from fedsoda.surgery.similarity import capture_layer_outputs
 from fedsoda.surgery.subllm import keep_layers
+from fedsoda.training import collate
 
 
 @dataclass(frozen=True)
@@ -57,11 +59,14 @@ class TeacherCache:
 
     batches: tuple[dict, ...]
     hidden: tuple[dict[int, torch.Tensor], ...]  # per batch: full layer index -> [B, T, H]
+    # Task examples (batches with labels): the options' tokens, for the option KL; () else.
+    option_ids: tuple[int, ...] = ()
 
 
 @torch.no_grad()
 def cache_teacher(teacher: nn.Module, plan: PruningPlan, batches: list[dict],
-                  on_batch: Callable[[int], None] | None = None) -> TeacherCache:
+                  on_batch: Callable[[int], None] | None = None,
+                  option_ids: tuple[int, ...] = ()) -> TeacherCache:
     """Run the frozen teacher once per batch, keeping only the layers alignment compares.
 
     Only the emulator layers run (the adapter layers are skipped), so the cache does not
@@ -79,11 +84,19 @@ def cache_teacher(teacher: nn.Module, plan: PruningPlan, batches: list[dict],
             hidden.append({w: out[w].detach().clone() for w in wanted})
             if on_batch is not None:
                 on_batch(done)
-    return TeacherCache(batches=tuple(batches), hidden=tuple(hidden))
+    return TeacherCache(batches=tuple(batches), hidden=tuple(hidden), option_ids=tuple(option_ids))
 
 
 def _real(mask: torch.Tensor) -> torch.Tensor:
     return mask.to(torch.bool)
+
+
+def decision_rows(batch: dict) -> torch.Tensor:
+    """Index, among the batch's real tokens (right-padded rows, flattened), of each example's
+    decision position: the token before its first answer token."""
+    lengths = batch["attention_mask"].sum(dim=1)
+    first = (batch["labels"] != IGNORE_INDEX).int().argmax(dim=1)
+    return lengths.cumsum(0) - lengths + first - 1
 
 
 def teacher_logits(teacher: nn.Module, plan: PruningPlan, batch: dict,
@@ -100,8 +113,10 @@ def teacher_logits(teacher: nn.Module, plan: PruningPlan, batch: dict,
 def student_losses(student: nn.Module, plan: PruningPlan, batch: dict,
                    hidden: dict[int, torch.Tensor],
                    target_logits: torch.Tensor,
-                   rep_loss: str = AlignSettings.rep_loss) -> dict[str, torch.Tensor]:
-    """``inter``, ``final`` and ``kl`` of the student on one batch (with autograd)."""
+                   rep_loss: str = AlignSettings.rep_loss,
+                   option_ids: tuple[int, ...] = ()) -> dict[str, torch.Tensor]:
+    """``inter``, ``final`` and ``kl`` of the student on one batch (with autograd), and
+    ``options`` (the option KL) when ``option_ids`` are given for a batch of task examples."""
     layout = Layout.of(plan)
     distance = REPRESENTATION_LOSSES[rep_loss]
     base = unwrap(student)
@@ -113,19 +128,26 @@ def student_losses(student: nn.Module, plan: PruningPlan, batch: dict,
         inter = sum((distance(hidden[t], out[s], mask) for t, s in layout.pairs),
                     start=torch.zeros(()))
         final = distance(hidden[layout.final[0]], out[layout.final[1]], mask)
-    return {"inter": inter, "final": final, "kl": kl_divergence(target_logits, logits)}
+    parts = {"inter": inter, "final": final, "kl": kl_divergence(target_logits, logits)}
+    if option_ids:
+        parts["options"] = option_kl(target_logits, logits, decision_rows(batch), list(option_ids))
+    return parts
 
 
 @torch.no_grad()
 def measure(teacher: nn.Module, student: nn.Module, plan: PruningPlan,
             cache: TeacherCache, rep_loss: str = AlignSettings.rep_loss) -> dict[str, float]:
-    """Mean ``kl`` (full || sub) and ``rep`` (L_inter + L_final) over the cached batches."""
-    totals = {"kl": 0.0, "rep": 0.0}
+    """Mean ``kl`` (full || sub) and ``rep`` (L_inter + L_final) over the cached batches, and
+    ``options`` (the option KL) on task examples."""
+    totals = {"kl": 0.0, "rep": 0.0} | ({"options": 0.0} if cache.option_ids else {})
     for batch, hidden in zip(cache.batches, cache.hidden, strict=True):
         parts = student_losses(student, plan, batch, hidden,
-                               teacher_logits(teacher, plan, batch, hidden), rep_loss)
+                               teacher_logits(teacher, plan, batch, hidden), rep_loss,
+                               cache.option_ids)
         totals["kl"] += parts["kl"].item()
         totals["rep"] += (parts["inter"] + parts["final"]).item()
+        if "options" in totals:
+            totals["options"] += parts["options"].item()
     return {key: value / len(cache.batches) for key, value in totals.items()}
 
 
@@ -155,9 +177,10 @@ def align(teacher: nn.Module, student: nn.Module, plan: PruningPlan, cache: Teac
             batch, hidden = cache.batches[index], cache.hidden[index]
             parts = student_losses(student, plan, batch, hidden,
                                    teacher_logits(teacher, plan, batch, hidden),
-                                   settings.rep_loss)
+                                   settings.rep_loss, cache.option_ids)
             loss = alignment_loss(parts["inter"], parts["final"], parts["kl"],
-                                  settings.alpha, settings.beta)
+                                  settings.alpha, settings.beta, parts.get("options"),
+                                  settings.option_weight)
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"alignment loss is {loss.item()} at step {step}; "
                                          "lower the alignment lr or alpha")
@@ -187,6 +210,29 @@ def public_caches(teacher: nn.Module, plan: PruningPlan, tokenizer, settings: Al
         return first, cache_teacher(teacher, plan, held, lambda done: advance(len(public) + done))
 
 
+def task_caches(teacher: nn.Module, plan: PruningPlan, tokenizer, task: Task, rows: list[dict],
+                settings: AlignSettings,
+                option_ids: tuple[int, ...] = ()) -> tuple[TeacherCache, TeacherCache]:
+    """Teacher caches of task examples (prompt and answer, as clients train on them) instead
+    of WikiText-2: the first ``samples`` of ``rows`` to align on, the next ``heldout`` to
+    measure on (the FedSODA paper's section 6.3.2: public data from the task's own
+    distribution). ``rows`` must be examples no client holds."""
+    if len(rows) < settings.samples + settings.heldout:
+        raise ValueError(f"task alignment needs {settings.samples + settings.heldout} rows "
+                         f"(align.samples + align.heldout), got {len(rows)}")
+    encoded = EncodedExamples(task, rows[: settings.samples + settings.heldout], tokenizer,
+                              settings.seq_len)
+    size, pad = settings.batch_size, pad_id(tokenizer)
+    batches = [collate([encoded[i] for i in range(start, min(start + size, stop))], pad)
+               for first, stop in ((0, settings.samples), (settings.samples, len(encoded)))
+               for start in range(first, stop, size)]
+    public = -(-settings.samples // size)
+    with phase("teacher cache", len(batches), "batches") as advance:
+        first = cache_teacher(teacher, plan, batches[:public], advance, option_ids)
+        return first, cache_teacher(teacher, plan, batches[public:],
+                                    lambda done: advance(public + done), option_ids)
+
+
 def pre_align(teacher: nn.Module, student: nn.Module, plan: PruningPlan, public: TeacherCache,
               heldout: TeacherCache, settings: AlignSettings,
               on_step: Callable[[int, int, dict[str, float]], None] | None = None,
@@ -203,8 +249,10 @@ def pre_align(teacher: nn.Module, student: nn.Module, plan: PruningPlan, public:
         result = align(teacher, student, plan, public, settings, settings.epochs, on_step=step,
                        lora_layers=lora_layers)
     after = measure(teacher, student, plan, heldout, settings.rep_loss)
-    return {"kl_before": before["kl"], "kl_after": after["kl"], "rep_before": before["rep"],
-            "rep_after": after["rep"],
+    options = {f"options_{when}": figures["options"] for when, figures in
+               (("before", before), ("after", after)) if "options" in figures}
+    return options | {"kl_before": before["kl"], "kl_after": after["kl"],
+            "rep_before": before["rep"], "rep_after": after["rep"],
             "kl_reduction": 1 - after["kl"] / before["kl"] if before["kl"] else 0.0,
             "align_steps": result["steps"], "align_seconds": result["seconds"]}
 
@@ -224,7 +272,7 @@ def realign(teacher: nn.Module, student: nn.Module, plan: PruningPlan, public: T
     bottom layers feed the emulator, whose cached activations are then stale) and ``align``'s
     result."""
     if plan.first_adapter_layers:
-        public = cache_teacher(teacher, plan, list(public.batches))
+        public = cache_teacher(teacher, plan, list(public.batches), option_ids=public.option_ids)
     result = align(teacher, student, plan, public, settings, settings.realign_epochs,
                    batch_indices=realign_indices(public, settings, round_number),
                    lora_layers=lora_layers)

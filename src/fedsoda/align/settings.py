@@ -32,6 +32,10 @@ class AlignSettings:
     # "relative" divides each token's squared error by the teacher state's squared norm (see
     # ``relative_mse``); "mse" is the paper's plain L_inter/L_final.
     rep_loss: str = "relative"
+    # Weight of the option KL (``fedsoda.align.losses.option_kl``) at each task example's
+    # decision position; used only when the alignment data are task examples with labels
+    # (``fedsoda.align.oda.task_caches``), never on WikiText.
+    option_weight: float = 0.0
     seed: int = 0
     # Task batches (of ``batch_size`` training examples) on which the gradient-fidelity probe
     # (fedsoda.fidelity) runs before round 1 and at every evaluation; 0 turns it off.
@@ -45,8 +49,8 @@ class AlignSettings:
                              f"{self.fidelity_batches}")
         if self.epochs < 0 or self.realign_epochs < 0 or self.lr <= 0:
             raise ValueError("alignment epochs must be >= 0 and lr > 0")
-        if self.alpha < 0 or self.beta < 0 or self.alpha + self.beta == 0:
-            raise ValueError("alpha and beta must be >= 0 and not both 0")
+        if self.alpha < 0 or self.beta < 0 or self.alpha + self.beta == 0 or self.option_weight < 0:
+            raise ValueError("alpha, beta and option_weight must be >= 0, alpha and beta not both 0")
         if self.rep_loss not in REP_LOSS_NAMES:
             raise ValueError(f"align.rep_loss must be one of {sorted(REP_LOSS_NAMES)}, "
                              f"got {self.rep_loss!r}")
