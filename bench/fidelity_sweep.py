@@ -31,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from fedsoda.align.gradmatch import match_gradients
 from fedsoda.align.oda import AlignSettings, pre_align, public_caches, realign, task_caches
 from fedsoda.data.task import EncodedExamples, load_rows, pad_id
 from fedsoda.data.tasks import get_task
@@ -66,10 +67,18 @@ VARIANTS = {
     "task_options_w10": ("fedsoda", {}, {"option_weight": 10.0}, 8, None),
     "task_options_epochs4": ("fedsoda", {}, {"option_weight": 1.0, "epochs": 4}, 8, None),
     "task_options_all": ("fedsoda_all", {}, {"option_weight": 1.0}, 8, None),
+    "task_gradmatch": ("fedsoda", {}, {"option_weight": 1.0}, 8, None),
+    "task_gradmatch_all": ("fedsoda_all", {}, {"option_weight": 1.0}, 8, None),
+    "task_gradmatch_e8": ("fedsoda", {}, {"option_weight": 1.0}, 8, None),
+    "task_gradmatch_e8_lr3e-3": ("fedsoda", {}, {"option_weight": 1.0}, 8, None),
 }
 # Variants whose alignment data are task examples (the FedSODA paper's section 6.3.2), with
 # the option KL at each example's decision position weighted by their ``option_weight``.
 TASK_ALIGNED = {name for name in VARIANTS if name.startswith("task_")}
+# Variants that then match the option-loss gradients themselves (fedsoda.align.gradmatch),
+# after pre-alignment and after each realignment: epochs over the aligning batches, lr.
+GRADMATCH = {"task_gradmatch": (2, 1e-3), "task_gradmatch_all": (2, 1e-3),
+             "task_gradmatch_e8": (8, 1e-3), "task_gradmatch_e8_lr3e-3": (8, 3e-3)}
 # The ceilings: the adapter trained on the full LLM itself (fidelity 1 by construction), with
 # the quickstart's adapter (3 layers) and lr, or the variant's: name -> (adapter layers, lr).
 ORACLES = {"oracle": (3, None), "oracle_lr1e-3": (3, 1e-3), "oracle_adapter6": (6, None),
@@ -90,8 +99,10 @@ def scores(model, tokenizer, task, rows) -> dict:
     return {key: scored[key] for key in ("accuracy", "best_threshold_accuracy", "auc")}
 
 
-def train_rounds(sub, plan, teacher, public, settings, train, args, pad, lr) -> list[dict]:
-    """The quickstart's client training, centralised; realigns as FedSODA does."""
+def train_rounds(sub, plan, teacher, public, settings, train, args, pad, lr,
+                 rematch=None) -> list[dict]:
+    """The quickstart's client training, centralised; realigns as FedSODA does, then calls
+    ``rematch(public)`` if given."""
     history = []
     for round_number in range(1, args.rounds + 1):
         trained = local_train(sub.model, sub.adapter_layers, train, args.steps, 8, lr,
@@ -103,6 +114,8 @@ def train_rounds(sub, plan, teacher, public, settings, train, args, pad, lr) -> 
             public, _ = realign(teacher, sub.model, plan, public, settings, round_number,
                                 lora_layers=sub.emulator_layers)
             entry["realigned"] = True
+            if rematch is not None:
+                entry["gradmatch"] = rematch(public)
         history.append(entry)
     return history
 
@@ -158,10 +171,20 @@ def run_variant(name, full, tokenizer, args, task, examples, train, probe, cache
         result["pre_align"] = pre_align(teacher, sub.model, plan, public, heldout, settings,
                                         lora_layers=sub.emulator_layers)
     full_layers = plan.full_adapter_layers
+    rematch = None
+    if name in GRADMATCH:
+        epochs, match_lr = GRADMATCH[name]
+
+        def rematch(cache):
+            return match_gradients(teacher, full_layers, sub.model, sub.adapter_layers,
+                                   sub.emulator_layers, list(cache.batches), probe[1], match_lr,
+                                   epochs)
+
+        result["gradmatch"] = rematch(public)
     result["fidelity_initial"] = gradient_fidelity(sub.model, sub.adapter_layers, teacher,
                                                    full_layers, *probe)
     result["rounds"] = train_rounds(sub, plan, teacher, public, settings, train, args,
-                                    pad_id(tokenizer), lr)
+                                    pad_id(tokenizer), lr, rematch)
     result["fidelity_trained"] = gradient_fidelity(sub.model, sub.adapter_layers, teacher,
                                                    full_layers, *probe)
     result["scores"] = scores(teacher, tokenizer, task, examples)
