@@ -61,6 +61,12 @@ def test_fedbiot_refuses_a_realignment_period_of_zero_instead_of_ignoring_it(tmp
     assert "fedsoda-no_realign" in capsys.readouterr().err and not out.exists()
 
 
+def test_a_run_refuses_the_option_kl_it_could_not_apply():
+    # Runs align on WikiText-2, which has no answers: the weight would be silently ignored.
+    with pytest.raises(ValueError, match="align.option_weight needs task examples"):
+        load_config(None, ["align.option_weight=1.0"])
+
+
 def test_compare_runs_the_four_rows_in_folders_of_their_names(tmp_path, monkeypatch):
     started = []
     monkeypatch.setattr("fedsoda.federated.flower_run.run_with_flwr",

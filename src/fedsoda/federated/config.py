@@ -109,6 +109,9 @@ class RunConfig:
             raise ValueError(f"{self.method} realigns after every round by its recipe, so realign_every "
                              "= 0 would be ignored; for the ablation without realignment use fedsoda "
                              "(fedsoda compare --methods fedsoda-no_realign)")
+        if self.align.option_weight:
+            raise ValueError("align.option_weight needs task examples to align on, and a run aligns "
+                             "on WikiText-2; it is bench/fidelity_sweep.py's (task_* variants)")
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.clients < 1 or not 1 <= self.clients_per_round <= self.clients:
