@@ -122,3 +122,19 @@ def test_plan_takes_the_layout_flags(tmp_path):
                      "--adapter-layers", "4", "--out", str(out)]) == 0
     assumptions = json.loads(out.read_text())["assumptions"]
     assert (assumptions["n"], assumptions["p"], assumptions["adapter_layers"]) == (2, 5, 4)
+
+
+def test_fedbiot_refuses_a_realignment_period_of_zero_instead_of_ignoring_it(tmp_path, capsys):
+    # FedBiOT's recipe realigns every round; before, realign_every = 0 was silently read as 1.
+    assert load_config(None, ["method=fedbiot", "realign_every=7"]).realign_every == 1
+    with pytest.raises(ValueError, match="fedbiot realigns after every round by its recipe"):
+        load_config(None, ["method=fedbiot", "realign_every=0"])
+    out = tmp_path / "run"
+    assert cli.main(["run", "--method", "fedbiot", "--realign-every", "0", "--out", str(out)]) == 2
+    assert "fedsoda-no_realign" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_run_refuses_the_option_kl_it_could_not_apply():
+    # Runs align on WikiText-2, which has no answers: the weight would be silently ignored.
+    with pytest.raises(ValueError, match="align.option_weight needs task examples"):
+        load_config(None, ["align.option_weight=1.0"])
