@@ -71,14 +71,21 @@ VARIANTS = {
     "task_gradmatch_all": ("fedsoda_all", {}, {"option_weight": 1.0}, 8, None),
     "task_gradmatch_e8": ("fedsoda", {}, {"option_weight": 1.0}, 8, None),
     "task_gradmatch_e8_lr3e-3": ("fedsoda", {}, {"option_weight": 1.0}, 8, None),
+    "task_gradmatch_rank": ("fedsoda", {}, {"option_weight": 1.0}, 8, None),
+    "task_gradmatch_rank_e8": ("fedsoda", {}, {"option_weight": 1.0}, 8, None),
+    "default_ranking": ("fedsoda", {}, {}, 8, None),  # the default again, with ranking figures
+    "task_public_ranking": ("fedsoda", {}, {}, 8, None),
 }
 # Variants whose alignment data are task examples (the FedSODA paper's section 6.3.2), with
 # the option KL at each example's decision position weighted by their ``option_weight``.
 TASK_ALIGNED = {name for name in VARIANTS if name.startswith("task_")}
 # Variants that then match the option-loss gradients themselves (fedsoda.align.gradmatch),
-# after pre-alignment and after each realignment: epochs over the aligning batches, lr.
-GRADMATCH = {"task_gradmatch": (2, 1e-3), "task_gradmatch_all": (2, 1e-3),
-             "task_gradmatch_e8": (8, 1e-3), "task_gradmatch_e8_lr3e-3": (8, 3e-3)}
+# after pre-alignment and after each realignment: epochs over the aligning batches, lr, loss.
+GRADMATCH = {"task_gradmatch": (2, 1e-3, "options"), "task_gradmatch_all": (2, 1e-3, "options"),
+             "task_gradmatch_e8": (8, 1e-3, "options"),
+             "task_gradmatch_e8_lr3e-3": (8, 3e-3, "options"),
+             "task_gradmatch_rank": (2, 1e-3, "ranking"),
+             "task_gradmatch_rank_e8": (8, 1e-3, "ranking")}
 # The ceilings: the adapter trained on the full LLM itself (fidelity 1 by construction), with
 # the quickstart's adapter (3 layers) and lr, or the variant's: name -> (adapter layers, lr).
 ORACLES = {"oracle": (3, None), "oracle_lr1e-3": (3, 1e-3), "oracle_adapter6": (6, None),
@@ -173,12 +180,12 @@ def run_variant(name, full, tokenizer, args, task, examples, train, probe, cache
     full_layers = plan.full_adapter_layers
     rematch = None
     if name in GRADMATCH:
-        epochs, match_lr = GRADMATCH[name]
+        epochs, match_lr, match_loss = GRADMATCH[name]
 
         def rematch(cache):
             return match_gradients(teacher, full_layers, sub.model, sub.adapter_layers,
                                    sub.emulator_layers, list(cache.batches), probe[1], match_lr,
-                                   epochs)
+                                   epochs, loss=match_loss)
 
         result["gradmatch"] = rematch(public)
     result["fidelity_initial"] = gradient_fidelity(sub.model, sub.adapter_layers, teacher,

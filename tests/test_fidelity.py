@@ -136,6 +136,33 @@ def test_option_loss_by_hand(full):
         option_loss(full, batch, [11, 43])
 
 
+def test_ranking_loss_by_hand_and_blind_to_a_shift_of_every_margin(full):
+    from fedsoda.fidelity import ranking_loss
+
+    options = [11, 42]
+    batch = option_batches(options)[0]  # answers 11, 42, 11, 42: rows 1 and 3 are "second"
+    with torch.no_grad():
+        logits = full(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        m = (logits[:, 7, 42] - logits[:, 7, 11]).double().tolist()
+        pairs = [(i, j) for i in (1, 3) for j in (0, 2)]  # (second-option row, first-option row)
+        expected = sum(math.log1p(math.exp(m[j] - m[i])) for i, j in pairs) / 4
+        assert ranking_loss(full, batch, options).item() == pytest.approx(expected, rel=1e-5)
+        # The same answer on every row: no pair, nothing to rank.
+        same = {**batch, "labels": torch.where(batch["labels"] == 42, 11, batch["labels"])}
+        assert ranking_loss(full, same, options).item() == 0.0
+        # A bias on the second option's logit shifts every margin and leaves the loss.
+        head = full.lm_head.weight
+        bias = torch.zeros(head.shape[0])
+        bias[42] = 3.0
+        shifted = torch.nn.Linear(head.shape[1], head.shape[0], bias=True)
+        shifted.weight, shifted.bias = head, torch.nn.Parameter(bias)
+        original, full.lm_head = full.lm_head, shifted
+        try:
+            assert ranking_loss(full, batch, options).item() == pytest.approx(expected, rel=1e-5)
+        finally:
+            full.lm_head = original
+
+
 def test_option_figures_are_one_for_the_full_model_itself(teacher, full):
     client = client_with(copy.deepcopy(full), ADAPTER, teacher)
     figures = gradient_fidelity(client, ADAPTER, teacher, ADAPTER, option_batches([11, 42]),
@@ -143,6 +170,7 @@ def test_option_figures_are_one_for_the_full_model_itself(teacher, full):
     assert figures["options"]["cosine"] == pytest.approx(1.0, abs=1e-6)
     assert figures["options"]["norm_ratio"] == pytest.approx(1.0, abs=1e-6)
     assert set(figures["options"]["layers"]) == {"4", "5"}
+    assert figures["ranking"]["cosine"] == pytest.approx(1.0, abs=1e-6)
 
 
 def test_option_token_ids():

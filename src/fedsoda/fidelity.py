@@ -18,6 +18,9 @@ cosine and norm ratio (overall and per layer) for the loss over the options alon
 answer token (``option_loss``): the cross-entropy over the whole vocabulary also pushes every
 option up against the other 49k tokens (the "answer format"), a direction both models share
 and that says nothing of which option wins; the option loss is what ranks examples.
+Its gradient still carries a calibration part (push every margin one way), so ``ranking``
+repeats the figures once more for the pairwise ranking loss (``ranking_loss``), which
+has none: the part of the signal AUC measures.
 
 Hidden-state errors leave out each row's first token: its massive activations (the attention
 sink) would decide the norm and say nothing about the rest (the same choice as FedPruner's
@@ -80,8 +83,10 @@ def option_token_ids(tokenizer, options: Sequence[str]) -> list[int] | None:
     return [i[0] for i in ids]
 
 
-def option_loss(model: nn.Module, batch: dict[str, torch.Tensor], option_ids: list[int]) -> torch.Tensor:
-    """Mean cross-entropy over the options alone, at each row's first answer token."""
+def option_logits(model: nn.Module, batch: dict[str, torch.Tensor],
+                  option_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's logits over the options at its decision position (the token before its
+    first answer token), and the index of the right option."""
     base = unwrap(model)
     hidden = base.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                         use_cache=False).last_hidden_state
@@ -93,8 +98,29 @@ def option_loss(model: nn.Module, batch: dict[str, torch.Tensor], option_ids: li
     if not bool((answers[:, None] == choices).any(dim=1).all()):
         raise ValueError("an example's first answer token is none of the option tokens")
     targets = (answers[:, None] == choices).int().argmax(dim=1)
-    logits = base.lm_head(hidden[rows, first - 1]).float()[:, choices]
+    return base.lm_head(hidden[rows, first - 1]).float()[:, choices], targets
+
+
+def option_loss(model: nn.Module, batch: dict[str, torch.Tensor], option_ids: list[int]) -> torch.Tensor:
+    """Mean cross-entropy over the options alone, at each row's first answer token."""
+    logits, targets = option_logits(model, batch, option_ids)
     return F.cross_entropy(logits, targets)
+
+
+def ranking_loss(model: nn.Module, batch: dict[str, torch.Tensor], option_ids: list[int]) -> torch.Tensor:
+    """Pairwise logistic loss of the two-option margin: mean over (second-option row i,
+    first-option row j) of ``softplus(m_j - m_i)``, ``m`` = logit(second) - logit(first).
+
+    Adding one number to every margin leaves it unchanged, so its gradient has no
+    calibration part (pushing every answer one way), only the ranking AUC measures.
+    A batch with one answer only has no pair and a zero loss (and gradient).
+    """
+    logits, targets = option_logits(model, batch, option_ids)
+    margins = logits[:, 1] - logits[:, 0]
+    second, first = margins[targets == 1], margins[targets == 0]
+    if not len(second) or not len(first):
+        return margins.sum() * 0.0
+    return F.softplus(first[None, :] - second[:, None]).mean()
 
 
 def _layer_inputs(model: nn.Module, layers: list[int], captured: dict[int, list[torch.Tensor]]):
@@ -188,13 +214,18 @@ def gradient_fidelity(client: nn.Module, client_layers: list[int], full: nn.Modu
         if option_ids:
             figures["options"] = _option_figures(client, list(client_layers), full,
                                                  list(full_layers), batches, option_ids)
+        if option_ids and len(option_ids) == 2:
+            figures["ranking"] = _option_figures(client, list(client_layers), full,
+                                                 list(full_layers), batches, option_ids,
+                                                 ranking_loss)
         return figures
 
 
 def _option_figures(client: nn.Module, client_layers: list[int], full: nn.Module,
-                    full_layers: list[int], batches: list[dict], option_ids: list[int]) -> dict:
+                    full_layers: list[int], batches: list[dict], option_ids: list[int],
+                    loss_of: Callable = option_loss) -> dict:
     def loss(model, batch):
-        return option_loss(model, batch, option_ids)
+        return loss_of(model, batch, option_ids)
 
     ours = adapter_gradients(client, client_layers, batches, loss)["grads"]
     theirs = adapter_gradients(full, full_layers, batches, loss)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from fedsoda.fidelity import adapter_gradients, option_loss
+from fedsoda.fidelity import adapter_gradients, option_loss, ranking_loss
 from fedsoda.surgery.lora import layer_of, plain_name, rename_layers, set_trainable
 
 
@@ -34,16 +34,20 @@ def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
 def match_gradients(teacher: nn.Module, full_layers: list[int], student: nn.Module,
                     adapter_layers: list[int], emulator_layers: list[int], batches: list[dict],
                     option_ids: list[int], lr: float, epochs: int, group: int = 4, seed: int = 0,
-                    on_step: Callable[[int, int, float], None] | None = None) -> dict:
+                    on_step: Callable[[int, int, float], None] | None = None,
+                    loss: str = "options") -> dict:
     """Train the student's emulator LoRA (``emulator_layers``) so that its option-loss
     gradient w.r.t. the adapter LoRA (``adapter_layers``, the full LLM's ``full_layers``)
     points where the teacher's does, summed over ``group`` batches a step (one batch's
-    gradient is too noisy a target). Returns the cosines by step."""
+    gradient is too noisy a target). ``loss``: ``options`` (the option loss) or ``ranking``
+    (the pairwise ranking loss, without the option loss's calibration part). Returns the
+    cosines by step."""
     if not option_ids:
         raise ValueError("gradient matching needs a task whose options are one token each")
+    task_loss = {"options": option_loss, "ranking": ranking_loss}[loss]
 
     def loss_of(model, batch):
-        return option_loss(model, batch, option_ids)
+        return task_loss(model, batch, option_ids)
 
     targets = [adapter_gradients(teacher, full_layers, [batch], loss_of)["grads"]
                for batch in batches]
