@@ -26,7 +26,9 @@ ALLOWED: dict[str, set[str]] = {
     "progress_feed": set(),  # a server's progress as events, for a process that draws it
     "phases": {"progress_feed"},  # progress bars of the long phases: used from the bottom up
     "surgery": {"models", "data", "phases"},
-    "align": {"models", "data", "surgery", "phases"},
+    # align: task examples are batched as training batches them; gradient matching matches
+    # the probe's losses
+    "align": {"models", "data", "surgery", "phases", "training", "fidelity"},
     "evaluate": {"models", "data", "phases"},
     "activation_cache": {"models", "data", "surgery"},
     "training": {"models", "data", "surgery", "activation_cache"},

@@ -23,20 +23,23 @@ from repro import adapter_hash, metrics_hash
 # Re-pinned when the fidelity probe joined metrics.jsonl: every adapter hash stayed the same,
 # so the probe changes nothing it measures. Its figures are computed on one thread
 # (fedsoda.fidelity.one_thread): a first pin taken at two threads failed in the full suite,
-# where earlier tests had left torch at one.
+# where earlier tests had left torch at one. The probe's ranking figures (2026-12-06) changed
+# every metrics hash again and no adapter hash (CI's AMX run: both adapter hashes equal the
+# pins); the AMD metrics hashes could not be re-taken on an AMD machine since, so that kind
+# checks its adapters only (None: not pinned).
 PINNED = {  # CPU kind: {method: (adapter hash, metrics hash without wall-clock seconds)}
     "AVX512": {  # the AMD EPYC machines of 2026-12-02 to 2026-12-05 (commit 2cac5ef)
-        "fedsoda": ("1b57042e4f945b33", "7f2eabc4ccd7b221"),
-        "fedpetuning": ("e1975952a99f87fd", "1c8ef13ca3b8124c"),
-        "fedot": ("70f929541ed6d1fc", "bce8a4b1ed3348c8"),
-        "fedbiot": ("cb3081ed05db65c2", "7fbd3fdcf460f500"),
+        "fedsoda": ("1b57042e4f945b33", None),
+        "fedpetuning": ("e1975952a99f87fd", None),
+        "fedot": ("70f929541ed6d1fc", None),
+        "fedbiot": ("cb3081ed05db65c2", None),
     },
     # An Intel Xeon with AMX (2026-12-05): torch reports the same AVX512 capability, but its
     # bf16 matmuls take oneDNN's AMX kernels, so every float differs from the first line.
     # Pinned from two quick runs in fresh processes that agreed bit for bit; only CI's two.
     "AVX512+AMX": {
-        "fedsoda": ("afbf3e405e813cae", "77e5af872e2ab87a"),
-        "fedpetuning": ("8d490e9c93cbb4bd", "766190f349a69492"),
+        "fedsoda": ("afbf3e405e813cae", "2abdc28ce024135c"),
+        "fedpetuning": ("8d490e9c93cbb4bd", "97e7707f43704bf3"),
     },
 }
 
@@ -70,4 +73,7 @@ def test_quick_run_matches_the_pinned_adapter_and_metrics(method, shared_data, t
     out = tmp_path / method
     assert main(["run", "--quick", "--method", method, "--data-dir", str(shared_data),
                  "--out", str(out)]) == 0
-    assert (adapter_hash(out), metrics_hash(out)) == PINNED[kind][method]
+    adapter, metrics = PINNED[kind][method]
+    assert adapter_hash(out) == adapter
+    if metrics is not None:
+        assert metrics_hash(out) == metrics
