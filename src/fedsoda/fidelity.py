@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedsoda.data.task import IGNORE_INDEX, EncodedExamples, Task, load_rows, pad_id
+from fedsoda.data.task import EncodedExamples, Task, first_answer_positions, load_rows, pad_id
 from fedsoda.models import unwrap
 from fedsoda.models.layers import decoder_layers
 from fedsoda.surgery.lora import layer_of, plain_name, rename_layers, set_trainable
@@ -91,7 +91,7 @@ def option_logits(model: nn.Module, batch: dict[str, torch.Tensor],
     hidden = base.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                         use_cache=False).last_hidden_state
     labels = batch["labels"]
-    first = (labels != IGNORE_INDEX).int().argmax(dim=1)  # the first answer position per row
+    first = first_answer_positions(labels)
     rows = torch.arange(labels.shape[0])
     answers = labels[rows, first]
     choices = torch.tensor(option_ids)

@@ -23,7 +23,7 @@ from torch import nn
 from fedsoda.align.losses import REPRESENTATION_LOSSES, alignment_loss, kl_divergence, option_kl
 from fedsoda.align.settings import AlignSettings
 from fedsoda.data.public import public_batches
-from fedsoda.data.task import IGNORE_INDEX, EncodedExamples, Task, pad_id
+from fedsoda.data.task import EncodedExamples, Task, first_answer_positions, pad_id
 from fedsoda.models import unwrap
 from fedsoda.phases import phase
 from fedsoda.surgery.lora import set_trainable
@@ -95,8 +95,7 @@ def decision_rows(batch: dict) -> torch.Tensor:
     """Index, among the batch's real tokens (right-padded rows, flattened), of each example's
     decision position: the token before its first answer token."""
     lengths = batch["attention_mask"].sum(dim=1)
-    first = (batch["labels"] != IGNORE_INDEX).int().argmax(dim=1)
-    return lengths.cumsum(0) - lengths + first - 1
+    return lengths.cumsum(0) - lengths + first_answer_positions(batch["labels"]) - 1
 
 
 def teacher_logits(teacher: nn.Module, plan: PruningPlan, batch: dict,

@@ -24,6 +24,12 @@ from fedsoda.data.sources import (
 IGNORE_INDEX = -100  # label value that the causal-LM loss skips
 
 
+def first_answer_positions(labels):
+    """Each row's first labelled (answer) position in a ``[B, T]`` label tensor; the token
+    before it is where the model decides the answer."""
+    return (labels != IGNORE_INDEX).int().argmax(dim=1)
+
+
 @dataclass(frozen=True)
 class Example:
     prefix: str
