@@ -16,6 +16,9 @@ Each probe also takes the option loss's figures (``options``: the loss over " ne
 shows its cosines where a variant has them (runs after 2026-12-06:
 ``--out bench/fidelity_sweep_options.json``).
 
+``--seed S`` (default 0, the figures above) draws another training order, alignment draw and
+LoRA initialisation, for the spread: keep each seed in its own ``--out``.
+
 One model load; each plan's teacher cache is built once. Resumable: variants already in
 ``--out`` are skipped. Variants (``--variants``, comma-separated) are in ``VARIANTS``.
 """
@@ -113,7 +116,7 @@ def train_rounds(sub, plan, teacher, public, settings, train, args, pad, lr,
     history = []
     for round_number in range(1, args.rounds + 1):
         trained = local_train(sub.model, sub.adapter_layers, train, args.steps, 8, lr,
-                              0.01, round_number, pad)
+                              0.01, 1000 * args.seed + round_number, pad)
         load_lora_state(teacher, to_full(trained["state"], plan.kept_layers))
         entry = {"round": round_number, "loss": trained["loss"]}
         if (public is not None and round_number % args.realign_every == 0
@@ -138,7 +141,7 @@ def run_oracle(name, full, tokenizer, args, task, examples, train) -> dict:
     rounds = []
     for round_number in range(1, args.rounds + 1):
         trained = local_train(teacher, plan.full_adapter_layers, train, args.steps, 8, lr,
-                              0.01, round_number, pad_id(tokenizer))
+                              0.01, 1000 * args.seed + round_number, pad_id(tokenizer))
         rounds.append({"round": round_number, "loss": trained["loss"]})
     return {"adapter_layers": plan.full_adapter_layers, "lr": lr, "rounds": rounds,
             "scores": scores(teacher, tokenizer, task, examples),
@@ -154,7 +157,8 @@ def run_variant(name, full, tokenizer, args, task, examples, train, probe, cache
     recipe_name, prune_changes, align_changes, rank, lr = VARIANTS[name]
     lr = lr or args.lr
     recipe = recipe_of(recipe_name)
-    settings = AlignSettings(**(align_changes or {}))
+    data = {"data": "task"} if name in TASK_ALIGNED else {}
+    settings = AlignSettings(**{"seed": args.seed, **data, **(align_changes or {})})
     plan = recipe_plan(recipe, args.model, full, tokenizer, PruneSettings(**prune_changes),
                        args.data_dir)
     began = time.perf_counter()
@@ -185,7 +189,7 @@ def run_variant(name, full, tokenizer, args, task, examples, train, probe, cache
         def rematch(cache):
             return match_gradients(teacher, full_layers, sub.model, sub.adapter_layers,
                                    sub.emulator_layers, list(cache.batches), probe[1], match_lr,
-                                   epochs, loss=match_loss)
+                                   epochs, seed=args.seed, loss=match_loss)
 
         result["gradmatch"] = rematch(public)
     result["fidelity_initial"] = gradient_fidelity(sub.model, sub.adapter_layers, teacher,
@@ -237,6 +241,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--realign-every", type=int, default=5)
     parser.add_argument("--eval-limit", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="0: the recorded figures")
     parser.add_argument("--variants", default=",".join([*ORACLES, *VARIANTS]))
     parser.add_argument("--out", default="fidelity_sweep.json")
     parser.add_argument("--table", action="store_true", help="print the table of --out, run nothing")
@@ -252,7 +257,7 @@ def main() -> None:
     full, tokenizer = load(args.model)
     examples = evaluation_rows(task, args.data_dir, args.eval_limit or None)  # scored rows
     rows = load_rows(task, task.train_split, args.data_dir)
-    random.Random(1).shuffle(rows)  # not the probe's draw (seed 0)
+    random.Random(1 + args.seed).shuffle(rows)  # seed 0: not the probe's draw (seed 0)
     used = args.rounds * args.steps * 8 * 2
     train = EncodedExamples(task, rows[:used], tokenizer, 256)
     probed = {json.dumps(row, sort_keys=True) for row in probe_rows(task, args.data_dir)}

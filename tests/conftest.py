@@ -54,13 +54,16 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-def save_tiny_model_dir(folder: Path, family: str = "llama", layers: int = 10) -> Path:
-    """A tiny model folder with a word-level tokenizer, loadable by ``fedsoda.models.load``."""
+def save_tiny_model_dir(folder: Path, family: str = "llama", layers: int = 10,
+                        extra_words: tuple[str, ...] = ()) -> Path:
+    """A tiny model folder with a word-level tokenizer, loadable by ``fedsoda.models.load``;
+    ``extra_words`` join its vocabulary (SST-2's answers, for an option loss)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     words = ["the", "of", "and", "in", "to", "a", "was", "is", "for", "on", "as", "with", "by",
-             "he", "at", "that", "from", "his", "it", "an", "were", "are", "which", "this"]
+             "he", "at", "that", "from", "his", "it", "an", "were", "are", "which", "this",
+             *extra_words]
     vocab = {token: i for i, token in enumerate(["<unk>", "<pad>", "<eos>", *words])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()

@@ -135,6 +135,24 @@ def test_fedbiot_refuses_a_realignment_period_of_zero_instead_of_ignoring_it(tmp
 
 
 def test_a_run_refuses_the_option_kl_it_could_not_apply():
-    # Runs align on WikiText-2, which has no answers: the weight would be silently ignored.
-    with pytest.raises(ValueError, match="align.option_weight needs task examples"):
+    # WikiText-2 has no answers: the weight would be silently ignored.
+    with pytest.raises(ValueError, match='need labelled task examples to align on: set align.data = "task"'):
         load_config(None, ["align.option_weight=1.0"])
+    with pytest.raises(ValueError, match="need labelled task examples"):
+        load_config(None, ["align.match_epochs=2"])
+    assert load_config(None, ["align.option_weight=1.0", "align.data=task"]).align.reserved == 320
+
+
+def test_task_alignment_is_refused_where_it_has_nothing_to_rank_or_train(tmp_path, capsys):
+    with pytest.raises(ValueError, match="gsm8k has none"):
+        load_config(None, ["task=gsm8k", "align.data=task", "align.match_epochs=2"])
+    with pytest.raises(ValueError, match="fedpetuning has none"):
+        load_config(None, ["method=fedpetuning", "align.data=task", "align.match_epochs=2"])
+    with pytest.raises(ValueError, match="align.data must be one of"):
+        load_config(None, ["align.data=pile"])
+    out = tmp_path / "run"
+    assert cli.main(["run", "--method", "fedpruner", "--set", "align.data=task", "--set",
+                     "align.match_epochs=1", "--out", str(out)]) == 2
+    assert "fedpruner has none" in capsys.readouterr().err and not out.exists()
+    # Without matching, the data setting alone is fine for any task (representation losses).
+    assert load_config(None, ["task=gsm8k", "align.data=task"]).align.reserved == 320

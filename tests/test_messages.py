@@ -43,6 +43,15 @@ def test_train_config_round_trips_through_a_flower_record():
     assert back.assignment.position(7) == 2 and back.assignment.lora_layers == (3, 7)
 
 
+def test_the_kept_back_rows_travel_only_when_a_server_keeps_some():
+    # A run without task alignment sends the record it always sent (same bytes on the wire).
+    assert "data.reserve" not in train_config().to_record()
+    data = dataclasses.replace(train_config().data, reserve=320)
+    config = train_config(data=data)
+    assert config.to_record()["data.reserve"] == 320
+    assert TrainConfig.from_record(config.to_record()).data.reserve == 320
+
+
 @pytest.mark.parametrize("key, value, message", [
     ("run", "../../../etc", "run key"),
     ("run", "0123456789ABCDEF", "run key"),

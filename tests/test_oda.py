@@ -103,7 +103,7 @@ def test_the_option_weight_aligns_how_the_models_rank_the_options(setup):
     cache = cache_teacher(teacher, PLAN, batches, option_ids=(3, 11))
     before = measure(teacher, sub.model, PLAN, cache)
     # Only the option term weighs: it alone must fall.
-    settings = AlignSettings(lr=1e-3, alpha=0.0, beta=1e-9, option_weight=1.0)
+    settings = AlignSettings(lr=1e-3, alpha=0.0, beta=1e-9, option_weight=1.0, data="task")
     align(teacher, sub.model, PLAN, cache, settings, epochs=10)
     after = measure(teacher, sub.model, PLAN, cache)
     assert after["options"] < 0.1 * before["options"]  # measured: 7.4e-4 -> 3.4e-6

@@ -6,7 +6,18 @@ import random
 import pytest
 
 from fedsoda import cli
-from fedsoda.data.partition import PartitionScheme, label_counts, partition, round_label_shares, sample_round
+from fedsoda.data.partition import (
+    PartitionScheme,
+    label_counts,
+    partition,
+    reserved_indices,
+    reserved_rows,
+    round_label_shares,
+    sample_round,
+    task_partitions,
+)
+from fedsoda.data.tasks import get_task
+from fedsoda.fidelity import probe_rows
 
 _RNG = random.Random(7)
 KEYS = [_RNG.choice([0, 0, 1]) for _ in range(2000)]
@@ -95,3 +106,34 @@ def test_partition_command_refuses_more_clients_per_round_than_clients(shared_da
     assert cli.main(["data", "partition", "--task", "sst2", "--clients", "4", "--rounds", "2",
                      "--clients-per-round", "5", "--data-dir", str(shared_data)]) != 0
     assert "clients per round must be in 1..4, got 5" in capsys.readouterr().err
+
+
+def test_reserved_rows_are_the_tail_of_the_probes_permutation():
+    # By hand: the permutation random.Random(0) gives 10 items, its last 3 are kept back.
+    order = list(range(10))
+    random.Random(0).shuffle(order)
+    assert reserved_indices(10, 3) == sorted(order[7:]) and reserved_indices(10, 0) == []
+    with pytest.raises(ValueError, match="lower align.samples"):
+        reserved_indices(10, 10)
+
+
+def test_kept_back_rows_reach_no_client_and_not_the_probe(shared_data):
+    task = get_task("sst2")
+    rows, parts = task_partitions("sst2", 10, "dirichlet:0.5", 2, shared_data, reserve=320)
+    held = {i for part in parts for i in part}
+    reserved = set(reserved_indices(len(rows), 320))
+    assert len(held) == sum(map(len, parts)) == len(rows) - 320 and not held & reserved
+    # SST-2 repeats some phrases, so rows are compared by position, not by text.
+    kept_back = reserved_rows("sst2", 320, shared_data)
+    key = lambda row: json.dumps(row, sort_keys=True)  # noqa: E731
+    assert sorted(map(key, kept_back)) == sorted(key(rows[i]) for i in reserved)
+    assert {r["label"] for r in kept_back[:16]} == {0, 1}  # shuffled, not in file order
+    # The probe reads the head of the same permutation: none of its 32 rows is kept back.
+    order = list(range(len(rows)))
+    random.Random(0).shuffle(order)
+    assert probe_rows(task, shared_data) == [rows[i] for i in order[:32]]
+    assert not set(order[:32]) & reserved
+    # Nothing kept back: exactly the partition a run without task alignment draws.
+    rows0, parts0 = task_partitions("sst2", 10, "dirichlet:0.5", 2, shared_data)
+    assert parts0 == partition([task.partition_key(r) for r in rows0], 10,
+                               PartitionScheme("dirichlet", 0.5), 2)

@@ -41,13 +41,40 @@ def partition(keys: list[int], clients: int, scheme: PartitionScheme, seed: int 
     return [sorted(partitioner.load_partition(i)["row"]) for i in range(clients)]
 
 
+def reserved_indices(count: int, reserve: int) -> list[int]:
+    """The training rows a server keeps back from the clients to align on (``align.data =
+    "task"``): the last ``reserve`` of the fixed permutation whose first rows the
+    gradient-fidelity probe reads (``fedsoda.fidelity.probe_rows`` shuffles the rows with
+    ``random.Random(0)`` too), so alignment never trains on what the probe measures. The
+    same rows for every seed and method, as a server's public set would be."""
+    if not 0 <= reserve < count:
+        raise ValueError(f"cannot keep back {reserve} of {count} training examples for "
+                         "alignment; lower align.samples + align.heldout")
+    order = list(range(count))
+    random.Random(0).shuffle(order)
+    return sorted(order[count - reserve:]) if reserve else []
+
+
 def task_partitions(task_name: str, clients: int, scheme: str, seed: int,
-                    data_dir: str | Path | None) -> tuple[list[dict], list[list[int]]]:
-    """A task's train rows and their row indices per client (server and clients agree)."""
+                    data_dir: str | Path | None,
+                    reserve: int = 0) -> tuple[list[dict], list[list[int]]]:
+    """A task's train rows and their row indices per client (server and clients agree);
+    ``reserve`` rows (``reserved_indices``) go to no client."""
     task = get_task(task_name)
     rows = load_rows(task, task.train_split, data_dir)
-    keys = [task.partition_key(row) for row in rows]
-    return rows, partition(keys, clients, PartitionScheme.parse(scheme), seed)
+    kept = sorted(set(range(len(rows))) - set(reserved_indices(len(rows), reserve)))
+    keys = [task.partition_key(rows[i]) for i in kept]
+    parts = partition(keys, clients, PartitionScheme.parse(scheme), seed)
+    return rows, [[kept[i] for i in part] for part in parts]
+
+
+def reserved_rows(task_name: str, reserve: int, data_dir: str | Path | None) -> list[dict]:
+    """The rows ``task_partitions(..., reserve)`` gives no client, in a fixed shuffled order."""
+    task = get_task(task_name)
+    rows = load_rows(task, task.train_split, data_dir)
+    chosen = reserved_indices(len(rows), reserve)
+    random.Random(1).shuffle(chosen)  # both labels in the first batches, not sorted by position
+    return [rows[i] for i in chosen]
 
 
 def label_counts(keys: list[int], parts: list[list[int]]) -> list[dict]:

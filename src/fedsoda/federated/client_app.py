@@ -130,7 +130,8 @@ CLIENTS_KEPT = 128
 
 @lru_cache(maxsize=2)
 def _partitions(data: DataSpec) -> tuple[list[dict], list[list[int]]]:
-    return task_partitions(data.task, data.clients, data.partition, data.seed, data.data_dir or None)
+    return task_partitions(data.task, data.clients, data.partition, data.seed, data.data_dir or None,
+                           data.reserve)
 
 
 @lru_cache(maxsize=CLIENTS_KEPT)

@@ -95,6 +95,19 @@ class RunConfig:
     robust: RobustSettings = field(default_factory=RobustSettings)  # aggregation rule, norm bound
     dp: DPSettings = field(default_factory=DPSettings)  # clipping and noise of client updates
 
+    def _check_task_alignment(self, recipe) -> None:
+        """Gradient matching and the option KL need answers to rank and an emulator LoRA."""
+        from fedsoda.data.tasks import get_task  # deferred with fedsoda.methods (torch)
+
+        align = self.align
+        if (align.match_epochs or align.option_weight) and not get_task(self.task).is_classification:
+            raise ValueError(f"align.match_epochs and align.option_weight rank a task's answer "
+                             f"options; {self.task} has none")
+        if align.match_epochs and (recipe is None or not recipe.aligns
+                                   or recipe.emulator_lora == "none"):
+            raise ValueError(f"align.match_epochs trains the server's emulator LoRA; {self.method} "
+                             "has none (fedsoda, fedot and fedbiot do)")
+
     def __post_init__(self) -> None:
         # Deferred: fedsoda.methods loads torch, and `fedsoda --help` reads this module's fields.
         from fedsoda.methods import ORDER, RECIPES
@@ -109,11 +122,9 @@ class RunConfig:
             raise ValueError(f"{self.method} realigns after every round by its recipe, so realign_every "
                              "= 0 would be ignored; for the ablation without realignment use fedsoda "
                              "(fedsoda compare --methods fedsoda-no_realign)")
-        if self.align.option_weight:
-            raise ValueError("align.option_weight needs task examples to align on, and a run aligns "
-                             "on WikiText-2; it is bench/fidelity_sweep.py's (task_* variants)")
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        self._check_task_alignment(RECIPES.get(self.method))
         if self.clients < 1 or not 1 <= self.clients_per_round <= self.clients:
             raise ValueError(f"need 1 <= clients_per_round ({self.clients_per_round}) <= clients "
                              f"({self.clients})")

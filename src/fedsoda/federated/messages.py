@@ -74,14 +74,19 @@ class DataSpec:
     partition: str
     seed: int
     max_tokens: int
+    reserve: int = 0  # training rows the server keeps back to align on (no client holds them)
 
     def to_record(self) -> ConfigRecord:
-        return ConfigRecord({f"data.{k}": v for k, v in dataclasses.asdict(self).items()})
+        # ``reserve`` travels only when set: a run without it sends what it always sent.
+        values = {k: v for k, v in dataclasses.asdict(self).items() if k != "reserve" or v}
+        return ConfigRecord({f"data.{k}": v for k, v in values.items()})
 
     @classmethod
     def from_record(cls, record) -> DataSpec:
         kinds = {"task": str, "data_dir": str, "clients": int, "partition": str, "seed": int,
                  "max_tokens": int}
+        if "data.reserve" in record:
+            kinds["reserve"] = int
         return cls(**{k: _field(record, f"data.{k}", t, "data settings") for k, t in kinds.items()})
 
 

@@ -23,7 +23,8 @@ def deadline(cfg: RunConfig) -> float | None:
 
 def data_spec(cfg: RunConfig) -> DataSpec:
     return DataSpec(task=cfg.task, data_dir=cfg.data_dir, clients=cfg.clients,
-                    partition=cfg.partition, seed=cfg.seed, max_tokens=cfg.max_tokens)
+                    partition=cfg.partition, seed=cfg.seed, max_tokens=cfg.max_tokens,
+                    reserve=cfg.align.reserved)
 
 
 def wait_for_nodes(grid: Grid, count: int, timeout: float = 300.0) -> list[int]:

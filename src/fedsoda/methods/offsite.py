@@ -62,7 +62,7 @@ def prepare(cfg, out: Path, resume: bool) -> Offsite:
 
     recipe = get_recipe(cfg.method).as_run(cfg.pre_align, cfg.realign_every)
     models = server_models.prepare(recipe, cfg.model, cfg.prune, cfg.align, cfg.data_folder,
-                                   out, pre_align=not resume)
+                                   out, pre_align=not resume, task_name=cfg.task)
     server = Offsite(recipe=recipe, models=models, files=folder_files(models.folder / "model"))
     if cfg.align.fidelity_batches:
         try:
@@ -120,8 +120,12 @@ def after_round(server: Offsite, cfg, state) -> bool:
     every = cfg.realign_every
     if not (every and state.round % every == 0 and state.round < cfg.rounds):
         return False
-    emulator = server_models.realign(server.models, cfg.align, state.round)["emulator"]
-    state.emulator = to_full(emulator, server.layers)
+    realigned = server_models.realign(server.models, cfg.align, state.round)
+    if realigned["gradmatch"]:
+        log.info("round %d gradient matching: cosine %.3f -> %.3f in %.0f s", state.round,
+                 realigned["gradmatch"]["cosine_first"], realigned["gradmatch"]["cosine_last"],
+                 realigned["gradmatch"]["seconds"])
+    state.emulator = to_full(realigned["emulator"], server.layers)
     state.emulator_version += 1
     return True
 

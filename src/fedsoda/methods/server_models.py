@@ -12,13 +12,17 @@ import torch
 from torch import nn
 
 from fedsoda.align import oda
+from fedsoda.align.gradmatch import match_gradients
 from fedsoda.align.oda import (
     AlignSettings,
     TeacherCache,
     public_caches,
+    task_caches,
 )
+from fedsoda.data.partition import reserved_rows
+from fedsoda.data.tasks import get_task
 from fedsoda.evaluate.tasks import evaluate
-from fedsoda.fidelity import gradient_fidelity
+from fedsoda.fidelity import gradient_fidelity, option_token_ids
 from fedsoda.methods.client_model import build_client_model, recipe_plan
 from fedsoda.methods.recipe import Recipe
 from fedsoda.models import load
@@ -54,13 +58,18 @@ def make_plan(recipe: Recipe, model_spec: str, full: nn.Module, tokenizer,
 
 def prepare(recipe: Recipe, model_spec: str, prune_settings: PruneSettings,
             settings: AlignSettings, data_dir: str | None, out: Path,
-            pre_align: bool = True) -> ServerModels:
-    """Plan, build the client model with LoRA, cache the teacher, pre-align (if the recipe does).
+            pre_align: bool = True, task_name: str = "sst2") -> ServerModels:
+    """Plan, build the client model with LoRA, cache the teacher, pre-align (if the recipe
+    does) and match gradients (if the settings say so).
 
     If ``out/subllm`` already holds a built client model (a resumed run), it is reopened
-    instead of rebuilt, and no pre-alignment runs again.
+    instead of rebuilt, and no pre-alignment runs again. With ``settings.data = "task"`` the
+    server aligns on the ``task_name`` training rows no client holds.
     """
     folder = out / "subllm"
+    # Read before any weights load: a server without the task's training split stops here.
+    rows = reserved_rows(task_name, settings.reserved, data_dir) \
+        if recipe.aligns and settings.data == "task" else None
     full, tokenizer = load(model_spec)
     if (folder / "lora.json").exists():
         sub, pre_align = open_sub_llm(folder), False
@@ -72,7 +81,12 @@ def prepare(recipe: Recipe, model_spec: str, prune_settings: PruneSettings,
     teacher = plug_adapter(copy.deepcopy(full), sub.adapter_lora(), sub.plan)
     del full
     public = heldout = None
-    if recipe.aligns:
+    if rows is not None:
+        task = get_task(task_name)
+        options = tuple(option_token_ids(tokenizer, task.options) or ()) \
+            if task.is_classification else ()
+        public, heldout = task_caches(teacher, sub.plan, tokenizer, task, rows, settings, options)
+    elif recipe.aligns:
         public, heldout = public_caches(teacher, sub.plan, tokenizer, settings, data_dir)
     models = ServerModels(recipe=recipe, teacher=teacher, sub=sub, tokenizer=tokenizer,
                           folder=folder, public=public, heldout=heldout, sizes={},
@@ -80,6 +94,8 @@ def prepare(recipe: Recipe, model_spec: str, prune_settings: PruneSettings,
     if pre_align and recipe.pre_align:
         report = oda.pre_align(teacher, sub.model, sub.plan, public, heldout, settings,
                                lora_layers=sub.emulator_layers)
+        if settings.match_epochs:
+            report["gradmatch"] = match(models, settings)
         (out / "align.json").write_text(json.dumps(report, indent=2) + "\n")
     models.sizes.update(save_sub_llm(sub, folder))
     return models
@@ -97,8 +113,26 @@ def realign(models: ServerModels, settings: AlignSettings, round_number: int) ->
     models.public, result = oda.realign(models.teacher, models.sub.model, models.sub.plan,
                                         models.public, settings, round_number,
                                         lora_layers=models.sub.emulator_layers)
+    matched = match(models, settings) if settings.match_epochs else None
     return {"emulator": models.sub.emulator_lora(), "seconds": result["seconds"],
-            "loss": result["history"][-1]["loss"] if result["history"] else None}
+            "loss": result["history"][-1]["loss"] if result["history"] else None,
+            "gradmatch": matched}
+
+
+def match(models: ServerModels, settings: AlignSettings) -> dict:
+    """Gradient matching (``fedsoda.align.gradmatch``) on the aligning task batches, with the
+    global adapter both models hold: the first and last cosines and the seconds it took."""
+    sub, cache = models.sub, models.public
+    if not cache.option_ids:
+        raise ValueError("align.match_epochs needs a task whose answers are one token each")
+    full_layers = [sub.plan.kept_layers[i] for i in sub.adapter_layers]
+    result = match_gradients(models.teacher, full_layers, sub.model, list(sub.adapter_layers),
+                             list(sub.emulator_layers), list(cache.batches),
+                             list(cache.option_ids), settings.match_lr, settings.match_epochs,
+                             seed=settings.seed, loss=settings.match_loss)
+    cosines = result["cosines"]
+    return {"steps": result["steps"], "cosine_first": cosines[0], "cosine_last": cosines[-1],
+            "seconds": result["seconds"]}
 
 
 def evaluate_full(models: ServerModels, task, rows: list[dict], data_dir: str | None) -> dict:

@@ -1,0 +1,42 @@
+"""A server that aligns on task rows it keeps back from the clients (``align.data = "task"``)
+and matches gradients after pre-alignment and each realignment (``align.match_epochs``)."""
+
+import json
+
+import torch
+
+from conftest import save_tiny_model_dir
+from fedsoda.align.oda import AlignSettings
+from fedsoda.data.partition import reserved_rows
+from fedsoda.data.task import EncodedExamples, pad_id
+from fedsoda.data.tasks import get_task
+from fedsoda.methods import RECIPES, server_models
+from fedsoda.surgery.plan import PruneSettings
+from fedsoda.training import collate
+
+
+def test_the_server_aligns_on_the_kept_back_rows_and_matches_gradients(tmp_path, shared_data):
+    model_dir = save_tiny_model_dir(tmp_path / "tiny", extra_words=("negative", "positive"))
+    settings = AlignSettings(samples=16, heldout=8, seq_len=32, batch_size=8, realign_samples=8,
+                             data="task", match_epochs=2)
+    out = tmp_path / "run"
+    out.mkdir()
+    models = server_models.prepare(RECIPES["fedsoda"], str(model_dir),
+                                   PruneSettings(n=2, p=2, adapter_layers=2, samples=8, seq_len=32),
+                                   settings, str(shared_data), out, task_name="sst2")
+    # The aligning batches are the first 16 kept-back rows, the held-out ones the next 8, as
+    # the clients would encode them; the options are the answers' own tokens.
+    rows = reserved_rows("sst2", settings.reserved, shared_data)
+    encoded = EncodedExamples(get_task("sst2"), rows[:24], models.tokenizer, 32)
+    first = collate([encoded[i] for i in range(8)], pad_id(models.tokenizer))
+    assert torch.equal(models.public.batches[0]["input_ids"], first["input_ids"])
+    assert len(models.public.batches) == 2 and len(models.heldout.batches) == 1
+    vocab = models.tokenizer.get_vocab()
+    assert models.public.option_ids == (vocab["negative"], vocab["positive"])
+    # Two batches make one group of four: one matching step an epoch, two epochs.
+    report = json.loads((out / "align.json").read_text())
+    assert report["gradmatch"]["steps"] == 2 and -1 <= report["gradmatch"]["cosine_last"] <= 1
+    before = models.sub.emulator_lora()
+    realigned = server_models.realign(models, settings, round_number=1)
+    assert realigned["gradmatch"]["steps"] == 2
+    assert any(not torch.equal(realigned["emulator"][k], v) for k, v in before.items())
