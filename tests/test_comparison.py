@@ -174,6 +174,20 @@ def test_a_wire_format_is_a_row_of_its_own_after_its_methods_fp32_row(tmp_path):
     assert "| FedSODA (nf4) | ✓ | ✓ | ✓ | 80.0 ± 0.0 |" in table and "| 1.5 KiB |" in table
 
 
+def test_task_alignment_is_a_row_of_its_own_not_a_seed_of_the_quickstart(tmp_path):
+    task = {"align_data": "task", "match_epochs": 8}
+    runs = [read_run(fake_run(tmp_path / name, "fedsoda", seed, acc, **extra))
+            for name, seed, acc, extra in (("t0", 0, 0.80, task), ("t1", 1, 0.84, task),
+                                           ("w0", 0, 0.79, {"align_data": "wikitext"}),
+                                           ("old", 1, 0.81, {}),
+                                           ("t2", 2, 0.82, {"align_data": "task"}))]
+    rows = table_rows(runs)
+    assert [(r["method"], r["seeds"]) for r in rows] == [
+        ("fedsoda", [0, 1]), ("fedsoda @ aligned on task rows", [2]),
+        ("fedsoda @ aligned on task rows, gradient matching 8 epochs", [0, 1])]
+    assert rows[2]["accuracy"] == pytest.approx(0.82)  # (0.80 + 0.84) / 2
+
+
 def test_each_dp_setting_is_a_row_of_its_own_not_a_seed_of_the_plain_run(tmp_path):
     dp = lambda noise: {"dp": {"clip": 1.15, "noise": noise, "delta": 1e-5, "epsilon": 5.0}}  # noqa: E731
     runs = [read_run(fake_run(tmp_path / name, "fedsoda", 0, acc, **extra))

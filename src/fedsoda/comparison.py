@@ -54,6 +54,14 @@ def ablation(summary: dict) -> list[str]:
     return [step for step, out in zip(LEFT_OUT, left_out, strict=True) if out]
 
 
+def alignment(summary: dict) -> list[str]:
+    """How a run aligned, where not on WikiText-2 (``align.data``, ``align.match_epochs``)."""
+    if summary.get("align_data", "wikitext") == "wikitext":
+        return []
+    matched = summary.get("match_epochs", 0)
+    return ["aligned on task rows" + (f", gradient matching {matched} epochs" if matched else "")]
+
+
 def row_of(summary: dict) -> str:
     """The table row a run belongs to: its method, FedPruner+ apart from FedPruner, and a
     row of its own for each alignment ablation, wire format other than fp32 and DP setting."""
@@ -63,7 +71,7 @@ def row_of(summary: dict) -> str:
     else:
         base = "fedpruner_plus" if summary.get("granularity") == "block" else summary["method"]
     wire, dp = summary.get("wire", "fp32"), summary.get("dp")
-    variants = ablation(summary) + ([] if wire == "fp32" else [wire]) + (
+    variants = ablation(summary) + alignment(summary) + ([] if wire == "fp32" else [wire]) + (
         [f"DP clip {dp['clip']:g}, sigma {dp['noise']:g}"] if dp else [])
     return f"{base}{SETTING}{', '.join(variants)}" if variants else base
 

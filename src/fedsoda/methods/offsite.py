@@ -148,8 +148,10 @@ def summary(server: Offsite, cfg, state, out: Path, task, rows: list[dict]) -> d
     server_models.export_adapter(models, out / "adapter")
     if server.probe:  # the evaluated rounds' figures beside round 0's
         write_fidelity(out, {m["round"]: m["fidelity"] for m in state.metrics if "fidelity" in m})
+    aligning = {"align_data": cfg.align.data, "match_epochs": cfg.align.match_epochs} \
+        if server.recipe.aligns else {}
     return {
-        **server.recipe.columns,
+        **server.recipe.columns, **aligning,
         "accuracy_sub": server_models.evaluate_sub(models, task, rows, cfg.data_folder)["accuracy"],
         "trainable_params": sum(t.numel() for t in state.adapter.values()),
         # What one client downloads to join, cached or not (the runtime counts its bytes).
