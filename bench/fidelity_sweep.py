@@ -17,7 +17,8 @@ shows its cosines where a variant has them (runs after 2026-12-06:
 ``--out bench/fidelity_sweep_options.json``).
 
 ``--seed S`` (default 0, the figures above) draws another training order, alignment draw and
-LoRA initialisation, for the spread: keep each seed in its own ``--out``.
+LoRA initialisation, for the spread: keep each seed in its own ``--out``; ``--spread OUT ...``
+prints mean ± s.d. over the seeds of the variants every seed measured.
 
 One model load; each plan's teacher cache is built once. Resumable: variants already in
 ``--out`` are skipped. Variants (``--variants``, comma-separated) are in ``VARIANTS``.
@@ -30,6 +31,7 @@ import copy
 import dataclasses
 import json
 import random
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -232,6 +234,52 @@ def table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def by_seed(paths: list[str]) -> dict[int, dict]:
+    """The results of several ``--out`` files by seed (files before 2026-12-06 are seed 0);
+    a variant measured in two files of one seed is taken from the first. ``X_ranking`` is X
+    measured again with the probe's ranking figures (same scores, deterministic): it stands
+    for X."""
+    seeds: dict[int, dict] = {}
+    for path in paths:
+        results = json.loads(Path(path).read_text())
+        merged = seeds.setdefault(results["args"].get("seed", 0), {})
+        for name, value in results.items():
+            if name.endswith("_ranking"):
+                merged[name.removesuffix("_ranking")] = value
+            else:
+                merged.setdefault(name, value)
+    return seeds
+
+
+def spread_table(paths: list[str]) -> str:
+    """Mean ± s.d. over seeds of the scores and the ranking cosines of every variant that
+    each seed measured (the README's three-seed table)."""
+    seeds = by_seed(paths)
+    names = [n for n in next(iter(seeds.values())) if n != "args"
+             and all(n in results for results in seeds.values())]
+    lines = [f"| variant ({len(seeds)} seeds: {', '.join(map(str, sorted(seeds)))}) | ranking "
+             "cosine, initial | ranking cosine, trained | accuracy | best-threshold | AUC |",
+             "|---|---|---|---|---|---|"]
+
+    def cell(values: list[float], scale: float, digits: int) -> str:
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{scale * statistics.fmean(values):.{digits}f} ± {scale * sd:.{digits}f}"
+
+    for name in names:
+        runs = [results[name] for results in seeds.values()]
+        score = runs[0] if name == "zero_shot" else None
+        scores = [run if score else run["scores"] for run in runs]
+        ranking = [[(run.get(when) or {}).get("ranking", {}).get("cosine") for run in runs]
+                   for when in ("fidelity_initial", "fidelity_trained")]
+        cosines = [cell(v, 1, 2) if None not in v else ("1" if name.startswith("oracle") else "")
+                   for v in ranking]
+        lines.append(f"| {name} | {' | '.join(cosines)} | "
+                     f"{cell([s['accuracy'] for s in scores], 100, 1)} | "
+                     f"{cell([s['best_threshold_accuracy'] for s in scores], 100, 1)} | "
+                     f"{cell([s['auc'] for s in scores], 1, 3)} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m")
@@ -245,7 +293,12 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join([*ORACLES, *VARIANTS]))
     parser.add_argument("--out", default="fidelity_sweep.json")
     parser.add_argument("--table", action="store_true", help="print the table of --out, run nothing")
+    parser.add_argument("--spread", nargs="+", metavar="OUT",
+                        help="print mean ± s.d. over the seeds of these --out files, run nothing")
     args = parser.parse_args()
+    if args.spread:
+        print(spread_table(args.spread), end="")
+        return
     if args.table:
         print(table(json.loads(Path(args.out).read_text())), end="")
         return
