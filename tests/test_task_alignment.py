@@ -15,15 +15,21 @@ from fedsoda.surgery.plan import PruneSettings
 from fedsoda.training import collate
 
 
+SETTINGS = AlignSettings(samples=16, heldout=8, seq_len=32, batch_size=8, realign_samples=8,
+                         data="task", match_epochs=2)
+
+
+def prepared(model_dir, data_dir, out):
+    out.mkdir()
+    return server_models.prepare(RECIPES["fedsoda"], str(model_dir),
+                                 PruneSettings(n=2, p=2, adapter_layers=2, samples=8, seq_len=32),
+                                 SETTINGS, str(data_dir), out, task_name="sst2")
+
+
 def test_the_server_aligns_on_the_kept_back_rows_and_matches_gradients(tmp_path, shared_data):
     model_dir = save_tiny_model_dir(tmp_path / "tiny", extra_words=("negative", "positive"))
-    settings = AlignSettings(samples=16, heldout=8, seq_len=32, batch_size=8, realign_samples=8,
-                             data="task", match_epochs=2)
-    out = tmp_path / "run"
-    out.mkdir()
-    models = server_models.prepare(RECIPES["fedsoda"], str(model_dir),
-                                   PruneSettings(n=2, p=2, adapter_layers=2, samples=8, seq_len=32),
-                                   settings, str(shared_data), out, task_name="sst2")
+    settings, out = SETTINGS, tmp_path / "run"
+    models = prepared(model_dir, shared_data, out)
     # The aligning batches are the first 16 kept-back rows, the held-out ones the next 8, as
     # the clients would encode them; the options are the answers' own tokens.
     rows = reserved_rows("sst2", settings.reserved, shared_data)
@@ -40,3 +46,9 @@ def test_the_server_aligns_on_the_kept_back_rows_and_matches_gradients(tmp_path,
     realigned = server_models.realign(models, settings, round_number=1)
     assert realigned["gradmatch"]["steps"] == 2
     assert any(not torch.equal(realigned["emulator"][k], v) for k, v in before.items())
+    # Bit for bit again from the same settings (issue 17: every setting reproducible).
+    again = prepared(model_dir, shared_data, tmp_path / "again")
+    timeless = lambda d: {k: timeless(v) if isinstance(v, dict) else v  # noqa: E731
+                          for k, v in d.items() if "seconds" not in k}
+    assert timeless(json.loads((tmp_path / "again" / "align.json").read_text())) == timeless(report)
+    assert all(torch.equal(again.sub.emulator_lora()[k], v) for k, v in before.items())
