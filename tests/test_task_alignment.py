@@ -14,7 +14,6 @@ from fedsoda.methods import RECIPES, server_models
 from fedsoda.surgery.plan import PruneSettings
 from fedsoda.training import collate
 
-
 SETTINGS = AlignSettings(samples=16, heldout=8, seq_len=32, batch_size=8, realign_samples=8,
                          data="task", match_epochs=2)
 
