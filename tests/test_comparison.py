@@ -83,22 +83,22 @@ def test_rounds_table_averages_seeds_per_round_and_reports_the_last_decision(tmp
         with_rounds(fake_run(tmp_path / "s0", "fedsoda", 0, 0.8), {
             5: {"accuracy": 0.70}, 10: {"accuracy": 0.80, "auc": 0.90,
                                         "best_threshold_accuracy": 0.82, "option_shares": shares,
-                                        "fidelity": {"cosine": 0.5}}}),
+                                        "fidelity": {"cosine": 0.5, "ranking": {"cosine": 0.4}}}}),
         with_rounds(fake_run(tmp_path / "s1", "fedsoda", 1, 0.8), {
             5: {"accuracy": 0.74}, 10: {"accuracy": 0.86, "auc": 0.80, "best_threshold_accuracy": 0.86,
                                         "option_shares": {"negative": 0.45, "positive": 0.55},
-                                        "fidelity": {"cosine": 0.2}}}),
+                                        "fidelity": {"cosine": 0.2, "ranking": {"cosine": 0.1}}}}),
         # FedOT was also evaluated at round 7 (not shared by all runs) and recorded no margin.
         with_rounds(fake_run(tmp_path / "o0", "fedot", 0, 0.7), {
             5: {"accuracy": 0.6}, 7: {"accuracy": 0.65}, 10: {"accuracy": 0.7}}),
     ]
     lines = rounds_table(runs).splitlines()
     assert lines[0] == ("| Method | round 5 | round 10 | best-threshold acc. | AUC | grad. cosine "
-                        "| option shares (last round) |")
-    assert lines[2] == "| FedOT | 60.0 | 70.0 | – | – | – | – |"
-    # FedSODA: (70 + 74) / 2, (80 + 86) / 2, (82 + 86) / 2, (0.9 + 0.8) / 2, (0.5 + 0.2) / 2,
-    # (25 + 45) / 2 %.
-    assert lines[3] == ("| FedSODA | 72.0 | 83.0 | 84.0 | 0.850 | 0.35 "
+                        "| ranking cosine | option shares (last round) |")
+    assert lines[2] == "| FedOT | 60.0 | 70.0 | – | – | – | – | – |"
+    # FedSODA: (70 + 74) / 2, (80 + 86) / 2, (82 + 86) / 2 ± sqrt(2 * 2^2) = 2.83,
+    # (0.9 + 0.8) / 2 ± sqrt(2 * 0.05^2) = 0.0707, (0.5 + 0.2) / 2, (0.4 + 0.1) / 2, (25 + 45) / 2 %.
+    assert lines[3] == ("| FedSODA | 72.0 | 83.0 | 84.0 ± 2.8 | 0.850 ± 0.071 | 0.35 | 0.25 "
                         "| negative 35%, positive 65% |")
     with pytest.raises(ValueError, match="no evaluation round"):
         rounds_table([with_rounds(fake_run(tmp_path / "x", "fedot", 0, 0.7), {3: {"accuracy": 0.7}}),

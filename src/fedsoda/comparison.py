@@ -181,16 +181,32 @@ def markdown_table(rows: list[dict], runs: list[dict]) -> str:
 
 # Threshold-free figures of the last evaluation, where the runs recorded them: the cell's
 # header and how a mean of the values is printed.
-FINAL_FIGURES = {"best_threshold_accuracy": ("best-threshold acc.", lambda v: f"{100 * v:.1f}"),
-                 "auc": ("AUC", lambda v: f"{v:.3f}"),
-                 # fedsoda.fidelity: the client model's adapter gradient against the full LLM's
-                 "grad_cosine": ("grad. cosine", lambda v: f"{v:.2f}")}
+# name -> (column, scale, decimals, with the seeds' spread): the figures of the last round.
+FINAL_FIGURES = {"best_threshold_accuracy": ("best-threshold acc.", 100, 1, True),
+                 "auc": ("AUC", 1, 3, True),
+                 # fedsoda.fidelity: the client model's adapter gradient against the full LLM's,
+                 # under the answer loss and under the pairwise ranking loss
+                 "grad_cosine": ("grad. cosine", 1, 2, False),
+                 "ranking_cosine": ("ranking cosine", 1, 2, False)}
 
 
 def _evaluated(metrics: list[dict]) -> dict[int, dict]:
-    """A run's evaluated rounds by number, the probe's overall cosine lifted to the top."""
-    return {m["round"]: m | ({"grad_cosine": m["fidelity"]["cosine"]} if "fidelity" in m else {})
+    """A run's evaluated rounds by number, the probe's cosines lifted to the top."""
+    def cosines(fidelity: dict) -> dict:
+        ranking = fidelity.get("ranking", {})
+        return {"grad_cosine": fidelity["cosine"]} | (
+            {"ranking_cosine": ranking["cosine"]} if "cosine" in ranking else {})
+
+    return {m["round"]: m | (cosines(m["fidelity"]) if "fidelity" in m else {})
             for m in metrics if "accuracy" in m}
+
+
+def _final_cell(values: list[float], scale: float, decimals: int, spread: bool) -> str:
+    """Mean over seeds, with the sample s.d. where asked and there are several seeds."""
+    cell = f"{scale * statistics.fmean(values):.{decimals}f}"
+    if spread and len(values) > 1:
+        cell += f" ± {scale * statistics.stdev(values):.{decimals}f}"
+    return cell
 
 
 def rounds_table(runs: list[dict]) -> str:
@@ -198,7 +214,8 @@ def rounds_table(runs: list[dict]) -> str:
 
     Accuracy cuts the option margin at 0. The best-threshold accuracy and the AUC of that
     margin (``evaluate.options.margin_report``) tell a better ranking from a moved threshold;
-    the option shares say where the threshold went. Each cell is a mean over the method's seeds.
+    the option shares say where the threshold went. Each cell is a mean over the method's
+    seeds; best-threshold accuracy and AUC also give the seeds' sample s.d.
     """
     by_method: dict[str, list[dict]] = defaultdict(list)
     for run in runs:
@@ -206,16 +223,16 @@ def rounds_table(runs: list[dict]) -> str:
     rounds = sorted(set.intersection(*(set(e) for group in by_method.values() for e in group)))
     if not rounds:
         raise ValueError("the runs share no evaluation round")
-    header = [f"round {r}" for r in rounds] + [name for name, _ in FINAL_FIGURES.values()]
+    header = [f"round {r}" for r in rounds] + [figure[0] for figure in FINAL_FIGURES.values()]
     lines = ["| Method | " + " | ".join(header) + " | option shares (last round) |",
              "|---|" + "---|" * (len(header) + 1)]
     for method in sorted(by_method, key=paper_rank):
         group = by_method[method]
         cells = [f"{100 * statistics.fmean(e[r]['accuracy'] for e in group):.1f}" for r in rounds]
         last = [e[rounds[-1]] for e in group]
-        for key, (_, show) in FINAL_FIGURES.items():
+        for key, (_, *shown) in FINAL_FIGURES.items():
             recorded = all(key in entry for entry in last)
-            cells.append(show(statistics.fmean(entry[key] for entry in last)) if recorded else "–")
+            cells.append(_final_cell([entry[key] for entry in last], *shown) if recorded else "–")
         if all("option_shares" in entry for entry in last):
             options = last[0]["option_shares"]
             cells.append(", ".join(
