@@ -10,7 +10,7 @@ from fedsoda.align.oda import AlignSettings
 from fedsoda.data.partition import reserved_rows
 from fedsoda.data.task import EncodedExamples, pad_id
 from fedsoda.data.tasks import get_task
-from fedsoda.methods import RECIPES, server_models
+from fedsoda.methods import RECIPES, offsite, server_models
 from fedsoda.surgery.plan import PruneSettings
 from fedsoda.training import collate
 
@@ -44,6 +44,11 @@ def test_the_server_aligns_on_the_kept_back_rows_and_matches_gradients(tmp_path,
     before = models.sub.emulator_lora()
     realigned = server_models.realign(models, settings, round_number=1)
     assert realigned["gradmatch"]["steps"] == 2
+    # A run keeps each realignment's matching beside pre-alignment's, by round.
+    offsite.record_rematch(out / "align.json", 5, realigned["gradmatch"])
+    kept = json.loads((out / "align.json").read_text())
+    assert kept["gradmatch"] == report["gradmatch"] and kept["kl_after"] == report["kl_after"]
+    assert kept["gradmatch_by_round"] == {"5": realigned["gradmatch"]}
     assert any(not torch.equal(realigned["emulator"][k], v) for k, v in before.items())
     # Bit for bit again from the same settings (issue 17: every setting reproducible).
     again = prepared(model_dir, shared_data, tmp_path / "again")

@@ -41,6 +41,7 @@ class Offsite:
     files: dict[str, tuple[str, Path]]  # client model file name -> (sha256, path)
     probe: list[dict] = field(default_factory=list)  # gradient-fidelity batches (may be none)
     probe_options: list[int] | None = None  # the task's option tokens, for the option loss
+    out: Path | None = None  # the run folder (align.json gets each realignment's matching)
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -63,7 +64,8 @@ def prepare(cfg, out: Path, resume: bool) -> Offsite:
     recipe = get_recipe(cfg.method).as_run(cfg.pre_align, cfg.realign_every)
     models = server_models.prepare(recipe, cfg.model, cfg.prune, cfg.align, cfg.data_folder,
                                    out, pre_align=not resume, task_name=cfg.task)
-    server = Offsite(recipe=recipe, models=models, files=folder_files(models.folder / "model"))
+    server = Offsite(recipe=recipe, models=models, files=folder_files(models.folder / "model"),
+                     out=out)
     if cfg.align.fidelity_batches:
         try:
             task = get_task(cfg.task)
@@ -87,6 +89,13 @@ def write_fidelity(out: Path, rounds: dict[int, dict]) -> None:
     kept.update({str(r): figures for r, figures in rounds.items()})
     path.write_text(json.dumps(dict(sorted(kept.items(), key=lambda kv: int(kv[0]))),
                                indent=1) + "\n")
+
+
+def record_rematch(path: Path, round_number: int, figures: dict) -> None:
+    """The gradient matching after a realignment, by round, beside pre-alignment's figures."""
+    kept = json.loads(path.read_text()) if path.exists() else {}
+    kept.setdefault("gradmatch_by_round", {})[str(round_number)] = figures
+    path.write_text(json.dumps(kept, indent=2) + "\n")
 
 
 def initial_state(server: Offsite) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -121,10 +130,8 @@ def after_round(server: Offsite, cfg, state) -> bool:
     if not (every and state.round % every == 0 and state.round < cfg.rounds):
         return False
     realigned = server_models.realign(server.models, cfg.align, state.round)
-    if realigned["gradmatch"]:
-        log.info("round %d gradient matching: cosine %.3f -> %.3f in %.0f s", state.round,
-                 realigned["gradmatch"]["cosine_first"], realigned["gradmatch"]["cosine_last"],
-                 realigned["gradmatch"]["seconds"])
+    if realigned["gradmatch"] and server.out is not None:
+        record_rematch(server.out / "align.json", state.round, realigned["gradmatch"])
     state.emulator = to_full(realigned["emulator"], server.layers)
     state.emulator_version += 1
     return True

@@ -26,6 +26,7 @@ from fedsoda.fidelity import gradient_fidelity, option_token_ids
 from fedsoda.methods.client_model import build_client_model, recipe_plan
 from fedsoda.methods.recipe import Recipe
 from fedsoda.models import load
+from fedsoda.phases import phase
 from fedsoda.surgery.build import SubLLM, open_sub_llm, save_sub_llm
 from fedsoda.surgery.lora import load_lora_state, to_local
 from fedsoda.surgery.plan import PruneSettings, PruningPlan
@@ -126,10 +127,14 @@ def match(models: ServerModels, settings: AlignSettings) -> dict:
     if not cache.option_ids:
         raise ValueError("align.match_epochs needs a task whose answers are one token each")
     full_layers = [sub.plan.kept_layers[i] for i in sub.adapter_layers]
-    result = match_gradients(models.teacher, full_layers, sub.model, list(sub.adapter_layers),
-                             list(sub.emulator_layers), list(cache.batches),
-                             list(cache.option_ids), settings.match_lr, settings.match_epochs,
-                             seed=settings.seed, loss=settings.match_loss)
+    steps = settings.match_epochs * -(-len(cache.batches) // 4)  # groups of 4 batches a step
+    with phase(f"gradient matching ({settings.match_loss})", steps) as advance:
+        result = match_gradients(models.teacher, full_layers, sub.model,
+                                 list(sub.adapter_layers), list(sub.emulator_layers),
+                                 list(cache.batches), list(cache.option_ids), settings.match_lr,
+                                 settings.match_epochs, group=4, seed=settings.seed,
+                                 on_step=lambda done, _total, _cosine: advance(done),
+                                 loss=settings.match_loss)
     cosines = result["cosines"]
     return {"steps": result["steps"], "cosine_first": cosines[0], "cosine_last": cosines[-1],
             "seconds": result["seconds"]}
