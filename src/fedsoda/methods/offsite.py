@@ -63,7 +63,7 @@ def prepare(cfg, out: Path, resume: bool) -> Offsite:
 
     recipe = get_recipe(cfg.method).as_run(cfg.pre_align, cfg.realign_every)
     models = server_models.prepare(recipe, cfg.model, cfg.prune, cfg.align, cfg.data_folder,
-                                   out, pre_align=not resume, task_name=cfg.task)
+                                   out, cfg.task, pre_align=not resume)
     server = Offsite(recipe=recipe, models=models, files=folder_files(models.folder / "model"),
                      out=out)
     if cfg.align.fidelity_batches:

@@ -59,7 +59,7 @@ def make_plan(recipe: Recipe, model_spec: str, full: nn.Module, tokenizer,
 
 def prepare(recipe: Recipe, model_spec: str, prune_settings: PruneSettings,
             settings: AlignSettings, data_dir: str | None, out: Path,
-            pre_align: bool = True, task_name: str = "sst2") -> ServerModels:
+            task_name: str, pre_align: bool = True) -> ServerModels:
     """Plan, build the client model with LoRA, cache the teacher, pre-align (if the recipe
     does) and match gradients (if the settings say so).
 
