@@ -267,8 +267,7 @@ def spread_table(paths: list[str]) -> str:
 
     for name in names:
         runs = [results[name] for results in seeds.values()]
-        score = runs[0] if name == "zero_shot" else None
-        scores = [run if score else run["scores"] for run in runs]
+        scores = runs if name == "zero_shot" else [run["scores"] for run in runs]
         ranking = [[(run.get(when) or {}).get("ranking", {}).get("cosine") for run in runs]
                    for when in ("fidelity_initial", "fidelity_trained")]
         cosines = [cell(v, 1, 2) if None not in v else ("1" if name.startswith("oracle") else "")

@@ -26,14 +26,22 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from fedsoda.fidelity import adapter_gradients, option_loss, ranking_loss
 from fedsoda.surgery.lora import layer_of, plain_name, rename_layers, set_trainable
 
+# Batches whose gradients are summed into one matching step: one batch's is too noisy a target.
+GROUP = 4
+
 
 def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.flatten().float() for t in tensors])
 
 
+def match_steps(batches: int, epochs: int, group: int = GROUP) -> int:
+    """The optimizer steps ``match_gradients`` takes over ``batches`` batches."""
+    return epochs * math.ceil(batches / group)
+
+
 def match_gradients(teacher: nn.Module, full_layers: list[int], student: nn.Module,
                     adapter_layers: list[int], emulator_layers: list[int], batches: list[dict],
-                    option_ids: list[int], lr: float, epochs: int, group: int = 4, seed: int = 0,
+                    option_ids: list[int], lr: float, epochs: int, group: int = GROUP, seed: int = 0,
                     on_step: Callable[[int, int, float], None] | None = None,
                     loss: str = "options") -> dict:
     """Train the student's emulator LoRA (``emulator_layers``) so that its option-loss
@@ -63,7 +71,7 @@ def match_gradients(teacher: nn.Module, full_layers: list[int], student: nn.Modu
     optimizer = torch.optim.AdamW(emulator, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     indices, rng = list(range(len(batches))), random.Random(seed)
     began, cosines = time.perf_counter(), []
-    steps = epochs * math.ceil(len(indices) / group)
+    steps = match_steps(len(indices), epochs, group)
     student.eval()  # no dropout: the same function of the weights as the probe's
     try:
         for _ in range(epochs):

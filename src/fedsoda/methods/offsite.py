@@ -41,7 +41,6 @@ class Offsite:
     files: dict[str, tuple[str, Path]]  # client model file name -> (sha256, path)
     probe: list[dict] = field(default_factory=list)  # gradient-fidelity batches (may be none)
     probe_options: list[int] | None = None  # the task's option tokens, for the option loss
-    out: Path | None = None  # the run folder (align.json gets each realignment's matching)
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -64,8 +63,7 @@ def prepare(cfg, out: Path, resume: bool) -> Offsite:
     recipe = get_recipe(cfg.method).as_run(cfg.pre_align, cfg.realign_every)
     models = server_models.prepare(recipe, cfg.model, cfg.prune, cfg.align, cfg.data_folder,
                                    out, cfg.task, pre_align=not resume)
-    server = Offsite(recipe=recipe, models=models, files=folder_files(models.folder / "model"),
-                     out=out)
+    server = Offsite(recipe=recipe, models=models, files=folder_files(models.folder / "model"))
     if cfg.align.fidelity_batches:
         try:
             task = get_task(cfg.task)
@@ -130,8 +128,8 @@ def after_round(server: Offsite, cfg, state) -> bool:
     if not (every and state.round % every == 0 and state.round < cfg.rounds):
         return False
     realigned = server_models.realign(server.models, cfg.align, state.round)
-    if realigned["gradmatch"] and server.out is not None:
-        record_rematch(server.out / "align.json", state.round, realigned["gradmatch"])
+    if realigned["gradmatch"]:
+        record_rematch(Path(cfg.out) / "align.json", state.round, realigned["gradmatch"])
     state.emulator = to_full(realigned["emulator"], server.layers)
     state.emulator_version += 1
     return True

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from fedsoda.align import oda
-from fedsoda.align.gradmatch import match_gradients
+from fedsoda.align.gradmatch import match_gradients, match_steps
 from fedsoda.align.oda import (
     AlignSettings,
     TeacherCache,
@@ -126,13 +126,12 @@ def match(models: ServerModels, settings: AlignSettings) -> dict:
     sub, cache = models.sub, models.public
     if not cache.option_ids:
         raise ValueError("align.match_epochs needs a task whose answers are one token each")
-    full_layers = [sub.plan.kept_layers[i] for i in sub.adapter_layers]
-    steps = settings.match_epochs * -(-len(cache.batches) // 4)  # groups of 4 batches a step
+    steps = match_steps(len(cache.batches), settings.match_epochs)
     with phase(f"gradient matching ({settings.match_loss})", steps) as advance:
-        result = match_gradients(models.teacher, full_layers, sub.model,
+        result = match_gradients(models.teacher, sub.plan.full_adapter_layers, sub.model,
                                  list(sub.adapter_layers), list(sub.emulator_layers),
                                  list(cache.batches), list(cache.option_ids), settings.match_lr,
-                                 settings.match_epochs, group=4, seed=settings.seed,
+                                 settings.match_epochs, seed=settings.seed,
                                  on_step=lambda done, _total, _cosine: advance(done),
                                  loss=settings.match_loss)
     cosines = result["cosines"]
@@ -154,9 +153,8 @@ def fidelity(models: ServerModels, batches: list[dict], option_ids: list[int] | 
     """Gradient fidelity of the client model against the full LLM, both holding the global
     adapter (``fedsoda.fidelity``); with ``option_ids``, under the option loss too."""
     sub = models.sub
-    full_layers = [sub.plan.kept_layers[i] for i in sub.adapter_layers]
-    return gradient_fidelity(sub.model, list(sub.adapter_layers), models.teacher, full_layers,
-                             batches, option_ids)
+    return gradient_fidelity(sub.model, list(sub.adapter_layers), models.teacher,
+                             sub.plan.full_adapter_layers, batches, option_ids)
 
 
 def export_adapter(models: ServerModels, folder: Path) -> Path:
