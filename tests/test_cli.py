@@ -61,3 +61,29 @@ def test_build_rejects_plan_for_another_model(tiny_model_dir, shared_data, tmp_p
 def test_argument_errors(argv):
     with pytest.raises(SystemExit):
         cli.main(argv)
+
+
+def test_eval_applies_an_adapters_threshold_and_refuses_a_bad_one_before_loading(
+        tmp_path, shared_data, monkeypatch, capsys):
+    from fedsoda.commands.data_eval import adapter_cut
+    from fedsoda.data.tasks import get_task
+
+    def no_loading(*_args, **_kwargs):
+        raise AssertionError("the model must not load for a bad threshold file")
+
+    monkeypatch.setattr("fedsoda.commands.data_eval.load_for_eval", no_loading)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    assert adapter_cut(str(adapter), get_task("sst2")) is None  # no file: the plain score
+    (adapter / "calibration.json").write_text(json.dumps(
+        {"cut": -0.25, "n": 320, "options": [" negative", " positive"]}))
+    assert adapter_cut(str(adapter), get_task("sst2"))["cut"] == -0.25
+    base = ["eval", "--adapter", str(adapter), "--data-dir", str(shared_data)]
+    assert cli.main(base + ["--task", "boolq"]) == 2
+    assert "not boolq's options" in capsys.readouterr().err
+    (adapter / "calibration.json").write_text('{"n": 320}')
+    assert cli.main(base + ["--task", "sst2"]) == 2
+    assert "is not a threshold a run wrote" in capsys.readouterr().err
+    assert cli.main(["eval", "--task", "gsm8k", "--calibrate", "320", "--data-dir",
+                     str(shared_data)]) == 2
+    assert "two answer options" in capsys.readouterr().err

@@ -105,6 +105,19 @@ def test_rounds_table_averages_seeds_per_round_and_reports_the_last_decision(tmp
                       runs[0]])
 
 
+def test_the_calibrated_accuracy_is_a_column_only_where_a_run_recorded_it(tmp_path):
+    runs = [with_rounds(fake_run(tmp_path / f"s{seed}", "fedsoda", seed, 0.8),
+                        {10: {"accuracy": 0.8, "calibrated_accuracy": value}})
+            for seed, value in ((0, 0.81), (1, 0.83), (2, 0.82))]
+    runs.append(with_rounds(fake_run(tmp_path / "o0", "fedot", 0, 0.7), {10: {"accuracy": 0.7}}))
+    lines = rounds_table(runs).splitlines()
+    assert lines[0].startswith("| Method | round 10 | best-threshold acc. | calibrated acc. | AUC |")
+    # (81 + 83 + 82) / 3 = 82.0, sample s.d. 1.0
+    assert lines[3].startswith("| FedSODA | 80.0 | – | 82.0 ± 1.0 | – |")
+    assert lines[2].startswith("| FedOT | 70.0 | – | – | – |")
+    assert "calibrated" not in rounds_table(runs[3:]).splitlines()[0]
+
+
 def test_compare_refuses_a_folder_run_with_other_settings(tmp_path, capsys):
     import dataclasses
 
@@ -180,11 +193,14 @@ def test_task_alignment_is_a_row_of_its_own_not_a_seed_of_the_quickstart(tmp_pat
             for name, seed, acc, extra in (("t0", 0, 0.80, task), ("t1", 1, 0.84, task),
                                            ("w0", 0, 0.79, {"align_data": "wikitext"}),
                                            ("old", 1, 0.81, {}),
-                                           ("t2", 2, 0.82, {"align_data": "task"}))]
+                                           ("t2", 2, 0.82, {"align_data": "task"}),
+                                           ("c0", 0, 0.83, task | {"calibrate": True}))]
     rows = table_rows(runs)
     assert [(r["method"], r["seeds"]) for r in rows] == [
         ("fedsoda", [0, 1]), ("fedsoda @ aligned on task rows", [2]),
-        ("fedsoda @ aligned on task rows, gradient matching 8 epochs", [0, 1])]
+        ("fedsoda @ aligned on task rows, gradient matching 8 epochs", [0, 1]),
+        ("fedsoda @ aligned on task rows, gradient matching 8 epochs, threshold fitted on "
+         "kept-back rows", [0])]
     assert rows[2]["accuracy"] == pytest.approx(0.82)  # (0.80 + 0.84) / 2
 
 

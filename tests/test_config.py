@@ -136,8 +136,10 @@ def test_fedbiot_refuses_a_realignment_period_of_zero_instead_of_ignoring_it(tmp
 
 def test_a_run_refuses_the_option_kl_it_could_not_apply():
     # WikiText-2 has no answers: the weight would be silently ignored.
-    with pytest.raises(ValueError, match='need labelled task examples to align on: set align.data = "task"'):
+    with pytest.raises(ValueError, match='need labelled task examples the server keeps back: set align.data = "task"'):
         load_config(None, ["align.option_weight=1.0"])
+    with pytest.raises(ValueError, match="need labelled task examples"):
+        load_config(None, ["align.calibrate=true"])
     with pytest.raises(ValueError, match="need labelled task examples"):
         load_config(None, ["align.match_epochs=2"])
     assert load_config(None, ["align.option_weight=1.0", "align.data=task"]).align.reserved == 320
@@ -154,5 +156,13 @@ def test_task_alignment_is_refused_where_it_has_nothing_to_rank_or_train(tmp_pat
     assert cli.main(["run", "--method", "fedpruner", "--set", "align.data=task", "--set",
                      "align.match_epochs=1", "--out", str(out)]) == 2
     assert "fedpruner has none" in capsys.readouterr().err and not out.exists()
+    # A threshold needs two answer options and a method whose server evaluates the full LLM.
+    with pytest.raises(ValueError, match="align.calibrate cuts .* gsm8k with fedsoda has no such margin"):
+        load_config(None, ["task=gsm8k", "align.data=task", "align.calibrate=true"])
+    with pytest.raises(ValueError, match="fedpruner has no such margin"):
+        load_config(None, ["method=fedpruner", "align.data=task", "align.calibrate=true"])
+    for method in ("fedpetuning", "fedot"):
+        assert load_config(None, [f"method={method}", "task=boolq", "align.data=task",
+                                  "align.calibrate=true"]).align.calibrate
     # Without matching, the data setting alone is fine for any task (representation losses).
     assert load_config(None, ["task=gsm8k", "align.data=task"]).align.reserved == 320

@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 
 from conftest import save_tiny_model_dir, tiny_model
 from fedsoda.data.task import Example
-from fedsoda.evaluate.options import margin_report, option_scores, sequence_logprobs
+from fedsoda.evaluate.options import best_cut, margin_report, option_scores, sequence_logprobs
 from fedsoda.evaluate.perplexity import perplexity
 
 
@@ -132,3 +132,64 @@ def test_margin_report_is_unchanged_by_a_shifted_threshold_and_refuses_bad_input
     assert math.isnan(margin_report([0.1, 0.2], [1, 1])["auc"])
     with pytest.raises(ValueError, match="one label per margin"):
         margin_report([0.1], [0, 1])
+
+
+@pytest.mark.parametrize(("margins", "labels", "cut"), [
+    # Cuts -3, -1.5, -0.25, 0.75, 2, 4 are right 3, 4, 3, 4, 3, 2 times: the best two tie,
+    # and 0.75 is nearer 0.
+    ([-2.0, -1.0, 0.5, 1.0, 3.0], [0, 1, 0, 1, 1], 0.75),
+    # Tied margins fall on one side of a cut together: cuts 0 and 1.5 are both right twice,
+    # 3 once; 0 (below all) is nearer 0.
+    ([1.0, 1.0, 2.0], [0, 1, 1], 0.0),
+    ([1.0, 1.0, 2.0, 1.2], [0, 1, 1, 0], 1.6),  # now 1.1 is right twice, 1.6 three times
+    ([-5.0, -4.0], [1, 1], -6.0),  # every label 1: cut below all
+    ([4.0, 5.0], [0, 0], 6.0),  # every label 0: cut above all
+    ([-0.2, 0.1], [0, 1], -0.05),  # a perfect split between two margins: their midpoint
+])
+def test_best_cut_hand_computed(margins, labels, cut):
+    assert best_cut(margins, labels) == pytest.approx(cut)
+
+
+def test_best_cut_reaches_the_best_threshold_accuracy_and_refuses_bad_input():
+    margins, labels = [0.3, -1.2, 0.8, 0.1, -0.4, 2.0, 0.25], [1, 0, 1, 0, 1, 1, 0]
+    cut = best_cut(margins, labels)
+    right = sum((m >= cut) == bool(y) for m, y in zip(margins, labels, strict=True)) / len(labels)
+    assert right == pytest.approx(margin_report(margins, labels)["best_threshold_accuracy"])
+    with pytest.raises(ValueError, match="one label per margin"):
+        best_cut([], [])
+
+
+def test_a_threshold_fitted_on_other_rows_cuts_the_evaluation_margins(tmp_path):
+    from fedsoda.data.task import Task
+    from fedsoda.evaluate.tasks import evaluate, fit_cut
+
+    folder = save_tiny_model_dir(tmp_path / "tiny")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = tiny_model()
+    task = Task(name="toy", train_split="train", eval_split="validation", fields={},
+                to_example=lambda row: Example("", row["text"], " :", "", row["label"]),
+                partition_key=lambda row: row["label"], options=(" he", " at"))
+    fit_rows = [{"text": t, "label": k % 2} for k, t in enumerate(
+        ["the of and", "was is for", "in to a", "he as on", "at by with"])]
+    eval_rows = [{"text": t, "label": 1 - k % 2} for k, t in enumerate(
+        ["and the was", "for in to", "a he as", "on at by"])]
+
+    def margin(row):
+        logp = [plain_option_logprob(model, tokenizer, row["text"] + " :", o) for o in task.options]
+        return logp[1] - logp[0]
+
+    fitted = fit_cut(model, tokenizer, task, fit_rows, batch_size=2)
+    # Reference: the cut from plain forwards of the fitting rows, then applied by hand.
+    fit_margins = [margin(row) for row in fit_rows]
+    cut = best_cut(fit_margins, [row["label"] for row in fit_rows])
+    assert fitted["cut"] == pytest.approx(cut, abs=1e-5) and fitted["n"] == 5
+    assert fitted["accuracy_at_zero"] == sum((m >= 0) == bool(r["label"])
+                                             for m, r in zip(fit_margins, fit_rows, strict=True)) / 5
+    result = evaluate(model, tokenizer, task, eval_rows, batch_size=4, cut=fitted["cut"])
+    expected = sum((margin(r) >= fitted["cut"]) == bool(r["label"]) for r in eval_rows) / 4
+    assert result["calibrated_accuracy"] == expected and result["cut"] == fitted["cut"]
+    assert "calibrated_accuracy" not in evaluate(model, tokenizer, task, eval_rows, batch_size=4)
+    gsm = Task(name="free", train_split="train", eval_split="test", fields={},
+               to_example=task.to_example, partition_key=task.partition_key)
+    with pytest.raises(ValueError, match="two answer options"):
+        fit_cut(model, tokenizer, gsm, fit_rows)

@@ -18,11 +18,11 @@ SETTINGS = AlignSettings(samples=16, heldout=8, seq_len=32, batch_size=8, realig
                          data="task", match_epochs=2)
 
 
-def prepared(model_dir, data_dir, out):
+def prepared(model_dir, data_dir, out, settings=SETTINGS, method="fedsoda"):
     out.mkdir()
-    return server_models.prepare(RECIPES["fedsoda"], str(model_dir),
+    return server_models.prepare(RECIPES[method], str(model_dir),
                                  PruneSettings(n=2, p=2, adapter_layers=2, samples=8, seq_len=32),
-                                 SETTINGS, str(data_dir), out, task_name="sst2")
+                                 settings, str(data_dir), out, task_name="sst2")
 
 
 def test_the_server_aligns_on_the_kept_back_rows_and_matches_gradients(tmp_path, shared_data):
@@ -56,3 +56,28 @@ def test_the_server_aligns_on_the_kept_back_rows_and_matches_gradients(tmp_path,
                           for k, v in d.items() if "seconds" not in k}
     assert timeless(json.loads((tmp_path / "again" / "align.json").read_text())) == timeless(report)
     assert all(torch.equal(again.sub.emulator_lora()[k], v) for k, v in before.items())
+
+
+def test_the_server_fits_the_threshold_on_the_kept_back_rows(tmp_path, shared_data):
+    from dataclasses import replace
+
+    from fedsoda.evaluate.tasks import evaluate, fit_cut
+
+    model_dir = save_tiny_model_dir(tmp_path / "tiny", extra_words=("negative", "positive"))
+    settings = replace(SETTINGS, match_epochs=0, calibrate=True)
+    # FedPETuning aligns nothing, but its server still holds the rows no client holds.
+    models = prepared(model_dir, shared_data, tmp_path / "run", settings, method="fedpetuning")
+    kept = reserved_rows("sst2", 24, shared_data)
+    assert models.cut_rows == kept and models.public is None
+    task = get_task("sst2")
+    rows = [{"sentence": "a fine film", "label": 1}, {"sentence": "dull and long", "label": 0}]
+    scored = server_models.evaluate_full(models, task, rows, str(shared_data))
+    fitted = fit_cut(models.teacher, models.tokenizer, task, kept)
+    assert scored["calibration"] == fitted and fitted["n"] == 24
+    assert scored["calibrated_accuracy"] == evaluate(models.teacher, models.tokenizer, task, rows,
+                                                     cut=fitted["cut"])["calibrated_accuracy"]
+    # Without align.calibrate the server keeps no rows and reports no threshold.
+    plain = prepared(model_dir, shared_data, tmp_path / "plain", replace(settings, calibrate=False),
+                     method="fedpetuning")
+    assert plain.cut_rows is None
+    assert "calibration" not in server_models.evaluate_full(plain, task, rows, str(shared_data))

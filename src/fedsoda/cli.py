@@ -93,6 +93,9 @@ def _add_eval(commands) -> None:
     parser.add_argument("--task", required=True, choices=["sst2", "boolq", "gsm8k", "wikitext2"])
     parser.add_argument("--limit", type=int, default=None, help="first N examples (windows)")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--calibrate", type=int, default=0, metavar="N",
+                        help="also the accuracy at the option threshold fitted on the N training "
+                             "rows a run with align.data = \"task\" keeps back (320 by default)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="weights and compute of the full model (bfloat16: ~2x faster on CPUs "
                              "with AVX512-BF16)")
@@ -223,7 +226,7 @@ def run(args: argparse.Namespace) -> None:
         bench_command(args)
     elif args.command == "eval":
         data_eval.eval_command(args.model, args.adapter, args.task, args.limit, args.batch_size,
-                               args.data_dir, args.out, args.dtype)
+                               args.data_dir, args.out, args.dtype, args.calibrate)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -55,11 +55,15 @@ def ablation(summary: dict) -> list[str]:
 
 
 def alignment(summary: dict) -> list[str]:
-    """How a run aligned, where not on WikiText-2 (``align.data``, ``align.match_epochs``)."""
-    if summary.get("align_data", "wikitext") == "wikitext":
-        return []
-    matched = summary.get("match_epochs", 0)
-    return ["aligned on task rows" + (f", gradient matching {matched} epochs" if matched else "")]
+    """How a run aligned, where not on WikiText-2 (``align.data``, ``align.match_epochs``), and
+    whether the server fitted the full LLM's threshold on kept-back rows (``align.calibrate``)."""
+    parts = []
+    if summary.get("align_data", "wikitext") != "wikitext":
+        matched = summary.get("match_epochs", 0)
+        parts.append("aligned on task rows" + (f", gradient matching {matched} epochs" if matched else ""))
+    if summary.get("calibrate"):
+        parts.append("threshold fitted on kept-back rows")
+    return parts
 
 
 def row_of(summary: dict) -> str:
@@ -183,6 +187,9 @@ def markdown_table(rows: list[dict], runs: list[dict]) -> str:
 # header and how a mean of the values is printed.
 # name -> (column, scale, decimals, with the seeds' spread): the figures of the last round.
 FINAL_FIGURES = {"best_threshold_accuracy": ("best-threshold acc.", 100, 1, True),
+                 # align.calibrate: the margin cut where it is right most often on the rows the
+                 # server keeps back; a column only where some run recorded it
+                 "calibrated_accuracy": ("calibrated acc.", 100, 1, True),
                  "auc": ("AUC", 1, 3, True),
                  # fedsoda.fidelity: the client model's adapter gradient against the full LLM's,
                  # under the answer loss and under the pairwise ranking loss
@@ -223,14 +230,17 @@ def rounds_table(runs: list[dict]) -> str:
     rounds = sorted(set.intersection(*(set(e) for group in by_method.values() for e in group)))
     if not rounds:
         raise ValueError("the runs share no evaluation round")
-    header = [f"round {r}" for r in rounds] + [figure[0] for figure in FINAL_FIGURES.values()]
+    figures = {key: figure for key, figure in FINAL_FIGURES.items()
+               if key != "calibrated_accuracy" or any(key in e[rounds[-1]] for group
+                                                      in by_method.values() for e in group)}
+    header = [f"round {r}" for r in rounds] + [figure[0] for figure in figures.values()]
     lines = ["| Method | " + " | ".join(header) + " | option shares (last round) |",
              "|---|" + "---|" * (len(header) + 1)]
     for method in sorted(by_method, key=paper_rank):
         group = by_method[method]
         cells = [f"{100 * statistics.fmean(e[r]['accuracy'] for e in group):.1f}" for r in rounds]
         last = [e[rounds[-1]] for e in group]
-        for key, (_, *shown) in FINAL_FIGURES.items():
+        for key, (_, *shown) in figures.items():
             recorded = all(key in entry for entry in last)
             cells.append(_final_cell([entry[key] for entry in last], *shown) if recorded else "–")
         if all("option_shares" in entry for entry in last):

@@ -52,6 +52,12 @@ class AlignSettings:
     match_epochs: int = 0
     match_lr: float = 1e-3
     match_loss: str = "ranking"
+    # At every evaluation, cut the full LLM's option margin at the threshold that is right most
+    # often on the kept-back rows (``fedsoda.evaluate.tasks.fit_cut``; needs data = "task" and
+    # two answer options) and report ``calibrated_accuracy`` beside the accuracy at 0. Local
+    # steps on the sub-LLM leave the full model's threshold where they happen to leave it; the
+    # server, holding labelled rows no client trains on, puts it back. ~30 s per evaluation.
+    calibrate: bool = False
     seed: int = 0
     # Task batches (of ``batch_size`` training examples) on which the gradient-fidelity probe
     # (fedsoda.fidelity) runs before round 1 and at every evaluation; 0 turns it off.
@@ -74,9 +80,10 @@ class AlignSettings:
         if self.match_epochs < 0 or self.match_lr <= 0:
             raise ValueError(f"align.match_epochs must be >= 0 and align.match_lr > 0, got "
                              f"{self.match_epochs} and {self.match_lr}")
-        if (self.option_weight or self.match_epochs) and self.data != "task":
-            raise ValueError("align.option_weight and align.match_epochs need labelled task "
-                             "examples to align on: set align.data = \"task\"")
+        if (self.option_weight or self.match_epochs or self.calibrate) and self.data != "task":
+            raise ValueError("align.option_weight, align.match_epochs and align.calibrate need "
+                             "labelled task examples the server keeps back: set align.data = "
+                             "\"task\"")
         if self.rep_loss not in REP_LOSS_NAMES:
             raise ValueError(f"align.rep_loss must be one of {sorted(REP_LOSS_NAMES)}, "
                              f"got {self.rep_loss!r}")

@@ -12,6 +12,7 @@ from fedsoda.data.partition import (
     label_counts,
     partition,
     plot_partition,
+    reserved_rows,
     round_label_shares,
     sample_round,
 )
@@ -19,7 +20,7 @@ from fedsoda.data.public import wikitext_paragraphs
 from fedsoda.data.task import load_rows
 from fedsoda.data.tasks import get_task
 from fedsoda.evaluate.perplexity import perplexity
-from fedsoda.evaluate.tasks import evaluate, evaluation_rows
+from fedsoda.evaluate.tasks import CUT_FILE, evaluate, evaluation_rows, fit_cut
 from fedsoda.models import load
 
 
@@ -79,12 +80,39 @@ def load_for_eval(model_spec: str, adapter: str | None, dtype: str = "float32"):
     return model, tokenizer
 
 
+def adapter_cut(adapter: str, task) -> dict | None:
+    """The threshold a run fitted for its exported adapter (``CUT_FILE``), if it did."""
+    path = Path(adapter) / CUT_FILE
+    if not path.is_file():
+        return None
+    try:
+        fitted = json.loads(path.read_text())
+        cut, options = float(fitted["cut"]), fitted["options"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path} is not a threshold a run wrote ({error}); delete it to score "
+                         "the adapter at the plain option likelihood") from error
+    if options != list(task.options):
+        raise ValueError(f"{path} cuts the margin between {options}, not {task.name}'s options")
+    return {**fitted, "cut": cut, "from": str(path)}
+
+
 def eval_command(model_spec: str, adapter: str | None, task_name: str, limit: int | None,
                  batch_size: int, data_dir: str | None, out: str | None,
-                 dtype: str = "float32") -> dict:
+                 dtype: str = "float32", calibrate: int = 0) -> dict:
+    """A model's score on a task; with ``calibrate`` > 0, also its accuracy at the option
+    threshold fitted on the ``calibrate`` training rows a run keeps back (``align.calibrate``),
+    the baseline a calibrated run compares with."""
+    cut_rows = fitted = None
     if task_name != "wikitext2":
         task = get_task(task_name)  # validate before loading the model
         rows = evaluation_rows(task, data_dir, limit)
+        if calibrate and len(task.options) != 2:
+            raise ValueError(f"--calibrate cuts the margin between two answer options; "
+                             f"{task_name} has none")
+        cut_rows = reserved_rows(task_name, calibrate, data_dir) if calibrate else None
+        fitted = adapter_cut(adapter, task) if adapter and not calibrate else None
+    elif calibrate:
+        raise ValueError("--calibrate applies to sst2 and boolq, not to perplexity")
     model, tokenizer = load_for_eval(model_spec, adapter, dtype)
     if task_name == "wikitext2":
         import time
@@ -94,7 +122,12 @@ def eval_command(model_spec: str, adapter: str | None, task_name: str, limit: in
         result = {"task": "wikitext2", **perplexity(model, tokenizer, lines, max_windows=limit),
                   "seconds": time.perf_counter() - began}
     else:
-        result = evaluate(model, tokenizer, task, rows, batch_size, data_dir=data_dir)
+        if cut_rows:
+            fitted = fit_cut(model, tokenizer, task, cut_rows, batch_size)
+        result = evaluate(model, tokenizer, task, rows, batch_size, data_dir=data_dir,
+                          cut=fitted["cut"] if fitted else None)
+        if fitted:
+            result["calibration"] = fitted
     result = {"model": model_spec, "adapter": adapter, "dtype": dtype, **result}
     _write_json(result, out)
     return result

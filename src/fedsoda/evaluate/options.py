@@ -100,3 +100,32 @@ def margin_report(margins: list[float], labels: list[int]) -> dict[str, float]:
     auc = ((rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
            if positives and negatives else float("nan"))
     return {"auc": auc, "best_threshold_accuracy": best / len(labels)}
+
+
+def best_cut(margins: list[float], labels: list[int]) -> float:
+    """The threshold ``c`` at which calling an example 1 iff ``margin >= c`` is right most
+    often on these labelled examples: a midpoint between two neighbouring distinct margins
+    (or 1 beyond the extremes). Of equally good cuts, the one nearest 0 (the least shift
+    from plain option likelihood).
+
+    The server fits it on training rows it keeps back and applies it to the evaluation split
+    (``align.calibrate``): a plugged adapter whose last local steps left the threshold off
+    keeps what it taught the model's ranking.
+    """
+    if len(margins) != len(labels) or not margins:
+        raise ValueError("need one label per margin, and at least one")
+    values = sorted(set(margins))
+    between = [(a + b) / 2 for a, b in zip(values[:-1], values[1:], strict=True)]
+    cuts = [values[0] - 1.0, *between, values[-1] + 1.0]
+    by_value: dict[float, list[int]] = {}
+    for margin, label in zip(margins, labels, strict=True):
+        by_value.setdefault(margin, []).append(label)
+    # Right below cut k: the 0-labels under it and the 1-labels at or above it.
+    correct = sum(labels)  # cut below every margin: everything is called 1
+    scores = [correct]
+    for value in values:
+        group = by_value[value]
+        correct += (len(group) - sum(group)) - sum(group)
+        scores.append(correct)
+    best = max(scores)
+    return min((cut for cut, score in zip(cuts, scores, strict=True) if score == best), key=abs)

@@ -99,14 +99,18 @@ class RunConfig:
         """Gradient matching and the option KL need answers to rank and an emulator LoRA."""
         from fedsoda.data.tasks import get_task  # deferred with fedsoda.methods (torch)
 
-        align = self.align
-        if (align.match_epochs or align.option_weight) and not get_task(self.task).is_classification:
+        align, task = self.align, get_task(self.task)
+        if (align.match_epochs or align.option_weight) and not task.is_classification:
             raise ValueError(f"align.match_epochs and align.option_weight rank a task's answer "
                              f"options; {self.task} has none")
         if align.match_epochs and (recipe is None or not recipe.aligns
                                    or recipe.emulator_lora == "none"):
             raise ValueError(f"align.match_epochs trains the server's emulator LoRA; {self.method} "
                              "has none (fedsoda, fedot and fedbiot do)")
+        if align.calibrate and (recipe is None or len(task.options) != 2):
+            raise ValueError(f"align.calibrate cuts the full LLM's margin between two answer "
+                             f"options; {self.task} with {self.method} has no such margin (sst2 "
+                             "or boolq, with fedsoda, fedot, fedbiot or fedpetuning)")
 
     def __post_init__(self) -> None:
         # Deferred: fedsoda.methods loads torch, and `fedsoda --help` reads this module's fields.

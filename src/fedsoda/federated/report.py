@@ -59,7 +59,8 @@ class RoundLog:
                  "submodel_bytes_total": submodel_bytes_total, "rejected": self.rejected}
         if accuracy is not None:
             entry["accuracy"] = accuracy
-        for key in ("option_shares", "auc", "best_threshold_accuracy", "fidelity"):
+        for key in ("option_shares", "auc", "best_threshold_accuracy", "calibrated_accuracy",
+                    "calibration", "fidelity"):
             if scored and key in scored:
                 entry[key] = scored[key]
         return entry

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from fedsoda.data.tasks import get_task
+from fedsoda.evaluate.tasks import CUT_FILE
 from fedsoda.fidelity import option_token_ids, probe_batches
 from fedsoda.methods import server_models
 from fedsoda.methods.assignment import Assignment
@@ -151,10 +152,16 @@ def summary(server: Offsite, cfg, state, out: Path, task, rows: list[dict]) -> d
 
     models = server.models
     server_models.export_adapter(models, out / "adapter")
+    fitted = [m["calibration"] for m in state.metrics if "calibration" in m]
+    if fitted:  # the last evaluation's threshold travels with the adapter (`fedsoda eval`)
+        (out / "adapter" / CUT_FILE).write_text(json.dumps(
+            {**fitted[-1], "options": list(task.options)}, indent=1) + "\n")
     if server.probe:  # the evaluated rounds' figures beside round 0's
         write_fidelity(out, {m["round"]: m["fidelity"] for m in state.metrics if "fidelity" in m})
     aligning = {"align_data": cfg.align.data, "match_epochs": cfg.align.match_epochs} \
         if server.recipe.aligns else {}
+    if cfg.align.calibrate:  # the evaluations' calibrated_accuracy: a row of its own in reports
+        aligning["calibrate"] = True
     return {
         **server.recipe.columns, **aligning,
         "accuracy_sub": server_models.evaluate_sub(models, task, rows, cfg.data_folder)["accuracy"],

@@ -21,7 +21,7 @@ from fedsoda.align.oda import (
 )
 from fedsoda.data.partition import reserved_rows
 from fedsoda.data.tasks import get_task
-from fedsoda.evaluate.tasks import evaluate
+from fedsoda.evaluate.tasks import evaluate, fit_cut
 from fedsoda.fidelity import gradient_fidelity, option_token_ids
 from fedsoda.methods.client_model import build_client_model, recipe_plan
 from fedsoda.methods.recipe import Recipe
@@ -47,6 +47,9 @@ class ServerModels:
     heldout: TeacherCache | None
     sizes: dict  # storage bytes of what a client holds
     full_bf16_bytes: int
+    # The training rows no client holds, on which the server fits the full LLM's option
+    # threshold at each evaluation (``align.calibrate``); None when it does not.
+    cut_rows: list[dict] | None = None
 
 
 def make_plan(recipe: Recipe, model_spec: str, full: nn.Module, tokenizer,
@@ -70,7 +73,7 @@ def prepare(recipe: Recipe, model_spec: str, prune_settings: PruneSettings,
     folder = out / "subllm"
     # Read before any weights load: a server without the task's training split stops here.
     rows = reserved_rows(task_name, settings.reserved, data_dir) \
-        if recipe.aligns and settings.data == "task" else None
+        if (recipe.aligns or settings.calibrate) and settings.data == "task" else None
     full, tokenizer = load(model_spec)
     if (folder / "lora.json").exists():
         sub, pre_align = open_sub_llm(folder), False
@@ -82,7 +85,7 @@ def prepare(recipe: Recipe, model_spec: str, prune_settings: PruneSettings,
     teacher = plug_adapter(copy.deepcopy(full), sub.adapter_lora(), sub.plan)
     del full
     public = heldout = None
-    if rows is not None:
+    if rows is not None and recipe.aligns:
         task = get_task(task_name)
         options = tuple(option_token_ids(tokenizer, task.options) or ()) \
             if task.is_classification else ()
@@ -91,7 +94,8 @@ def prepare(recipe: Recipe, model_spec: str, prune_settings: PruneSettings,
         public, heldout = public_caches(teacher, sub.plan, tokenizer, settings, data_dir)
     models = ServerModels(recipe=recipe, teacher=teacher, sub=sub, tokenizer=tokenizer,
                           folder=folder, public=public, heldout=heldout, sizes={},
-                          full_bf16_bytes=full_bf16_bytes)
+                          full_bf16_bytes=full_bf16_bytes,
+                          cut_rows=rows if settings.calibrate else None)
     if pre_align and recipe.pre_align:
         report = oda.pre_align(teacher, sub.model, sub.plan, public, heldout, settings,
                                lora_layers=sub.emulator_layers)
@@ -140,8 +144,15 @@ def match(models: ServerModels, settings: AlignSettings) -> dict:
 
 
 def evaluate_full(models: ServerModels, task, rows: list[dict], data_dir: str | None) -> dict:
-    """Accuracy of the deliverable: the full LLM with the plugged global adapter."""
-    return evaluate(models.teacher, models.tokenizer, task, rows, data_dir=data_dir)
+    """Accuracy of the deliverable: the full LLM with the plugged global adapter; where the
+    server keeps rows to fit its threshold on (``align.calibrate``), also the accuracy at that
+    threshold, with the fit's figures under ``calibration``."""
+    if models.cut_rows is None:
+        return evaluate(models.teacher, models.tokenizer, task, rows, data_dir=data_dir)
+    fitted = fit_cut(models.teacher, models.tokenizer, task, models.cut_rows)
+    scored = evaluate(models.teacher, models.tokenizer, task, rows, data_dir=data_dir,
+                      cut=fitted["cut"])
+    return scored | {"calibration": fitted}
 
 
 def evaluate_sub(models: ServerModels, task, rows: list[dict], data_dir: str | None) -> dict:
