@@ -383,7 +383,8 @@ def write_report(run_folders: list[Path | str], out: Path | str) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(
         markdown_table(rows, runs) + "\nAccuracy (%) of the full LLM + adapter by round; for the "
-        "last round also the accuracy at the option margin's best threshold, the margin's AUC and "
+        "last round also the accuracy at the option margin's best threshold (and, where a run "
+        "fitted one on its kept-back rows, at that threshold), the margin's AUC and "
         "how often each option won (means over seeds):\n\n" + rounds_table(runs)
         + (f"\nClient memory (CPU peak RSS of a training step in a fresh process); the largest "
            f"peak/budget is over every client and round of every seed:\n\n{memory}" if memory else "")
