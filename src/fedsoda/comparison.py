@@ -188,13 +188,15 @@ def markdown_table(rows: list[dict], runs: list[dict]) -> str:
 # name -> (column, scale, decimals, with the seeds' spread): the figures of the last round.
 FINAL_FIGURES = {"best_threshold_accuracy": ("best-threshold acc.", 100, 1, True),
                  # align.calibrate: the margin cut where it is right most often on the rows the
-                 # server keeps back; a column only where some run recorded it
+                 # server keeps back
                  "calibrated_accuracy": ("calibrated acc.", 100, 1, True),
                  "auc": ("AUC", 1, 3, True),
                  # fedsoda.fidelity: the client model's adapter gradient against the full LLM's,
                  # under the answer loss and under the pairwise ranking loss
                  "grad_cosine": ("grad. cosine", 1, 2, False),
                  "ranking_cosine": ("ranking cosine", 1, 2, False)}
+# Figures that get a column only where some run recorded them (a setting most runs lack).
+WHERE_RECORDED = {"calibrated_accuracy"}
 
 
 def _evaluated(metrics: list[dict]) -> dict[int, dict]:
@@ -230,9 +232,9 @@ def rounds_table(runs: list[dict]) -> str:
     rounds = sorted(set.intersection(*(set(e) for group in by_method.values() for e in group)))
     if not rounds:
         raise ValueError("the runs share no evaluation round")
+    lasts = [e[rounds[-1]] for group in by_method.values() for e in group]
     figures = {key: figure for key, figure in FINAL_FIGURES.items()
-               if key != "calibrated_accuracy" or any(key in e[rounds[-1]] for group
-                                                      in by_method.values() for e in group)}
+               if key not in WHERE_RECORDED or any(key in last for last in lasts)}
     header = [f"round {r}" for r in rounds] + [figure[0] for figure in figures.values()]
     lines = ["| Method | " + " | ".join(header) + " | option shares (last round) |",
              "|---|" + "---|" * (len(header) + 1)]

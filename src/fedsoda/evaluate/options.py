@@ -71,6 +71,26 @@ def option_scores(model: nn.Module, tokenizer, examples: list[Example], options:
     return [flat[i: i + len(options)] for i in range(0, len(flat), len(options))]
 
 
+def _tie_groups(margins: list[float], labels: list[int]) -> list[tuple[float, int, int]]:
+    """The distinct margins in rising order, each with how many examples have it and how many
+    of those are labelled 1."""
+    if len(margins) != len(labels) or not margins:
+        raise ValueError("need one label per margin, and at least one")
+    groups: dict[float, list[int]] = {}
+    for margin, label in zip(margins, labels, strict=True):
+        groups.setdefault(margin, []).append(label)
+    return [(value, len(tied), sum(tied)) for value, tied in sorted(groups.items())]
+
+
+def _right_by_cut(groups: list[tuple[float, int, int]], positives: int) -> list[int]:
+    """How many examples a cut gets right (called 1 iff margin >= cut), sweeping the cut up
+    through the tie groups: below all of them, then above each in turn."""
+    right = [positives]  # cut below every margin: everything is called 1
+    for _, count, ones in groups:
+        right.append(right[-1] + (count - ones) - ones)  # the group now falls below the cut
+    return right
+
+
 def margin_report(margins: list[float], labels: list[int]) -> dict[str, float]:
     """How well ``margin = score(option 1) - score(option 0)`` separates the labels, at any
     threshold: ``auc`` (the chance a random label-1 example out-scores a random label-0 one,
@@ -80,26 +100,16 @@ def margin_report(margins: list[float], labels: list[int]) -> dict[str, float]:
     Accuracy cuts at 0. A plugged adapter that only recalibrates the model moves that accuracy
     and neither of these; one that makes the model rank examples better raises them.
     """
-    if len(margins) != len(labels) or not margins:
-        raise ValueError("need one label per margin, and at least one")
-    order = sorted(range(len(margins)), key=margins.__getitem__)
+    groups = _tie_groups(margins, labels)
     positives = sum(labels)
     negatives = len(labels) - positives
-    # Sweep the cut up through the sorted margins: an example is called 1 iff margin >= cut.
-    correct = best = positives  # cut below every margin: everything is called 1
     rank_sum, start = 0.0, 0
-    while start < len(order):
-        end = start
-        while end < len(order) and margins[order[end]] == margins[order[start]]:
-            end += 1
-        tied = [labels[i] for i in order[start:end]]
-        rank_sum += sum(tied) * (start + end + 1) / 2  # mean 1-based rank of the tie group
-        correct += (len(tied) - sum(tied)) - sum(tied)  # the group now falls below the cut
-        best = max(best, correct)
-        start = end
+    for _, count, ones in groups:
+        rank_sum += ones * (2 * start + count + 1) / 2  # mean 1-based rank of the tie group
+        start += count
     auc = ((rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
            if positives and negatives else float("nan"))
-    return {"auc": auc, "best_threshold_accuracy": best / len(labels)}
+    return {"auc": auc, "best_threshold_accuracy": max(_right_by_cut(groups, positives)) / len(labels)}
 
 
 def best_cut(margins: list[float], labels: list[int]) -> float:
@@ -112,20 +122,10 @@ def best_cut(margins: list[float], labels: list[int]) -> float:
     (``align.calibrate``): a plugged adapter whose last local steps left the threshold off
     keeps what it taught the model's ranking.
     """
-    if len(margins) != len(labels) or not margins:
-        raise ValueError("need one label per margin, and at least one")
-    values = sorted(set(margins))
+    groups = _tie_groups(margins, labels)
+    values = [value for value, _, _ in groups]
     between = [(a + b) / 2 for a, b in zip(values[:-1], values[1:], strict=True)]
     cuts = [values[0] - 1.0, *between, values[-1] + 1.0]
-    by_value: dict[float, list[int]] = {}
-    for margin, label in zip(margins, labels, strict=True):
-        by_value.setdefault(margin, []).append(label)
-    # Right below cut k: the 0-labels under it and the 1-labels at or above it.
-    correct = sum(labels)  # cut below every margin: everything is called 1
-    scores = [correct]
-    for value in values:
-        group = by_value[value]
-        correct += (len(group) - sum(group)) - sum(group)
-        scores.append(correct)
-    best = max(scores)
-    return min((cut for cut, score in zip(cuts, scores, strict=True) if score == best), key=abs)
+    right = _right_by_cut(groups, sum(labels))
+    best = max(right)
+    return min((cut for cut, score in zip(cuts, right, strict=True) if score == best), key=abs)
