@@ -95,10 +95,11 @@ def read_run(folder: Path | str) -> dict:
 
 def _mean_spread(values: list[float | None]) -> tuple[float | None, float | None]:
     """Mean and sample spread; ``(None, None)`` for a figure a method does not have (FedRA's
-    clients hold a different random sub-model each round, so it has no sub-model accuracy)."""
+    clients hold a different random sub-model each round, so it has no sub-model accuracy).
+    One seed has no spread (None), not a spread of 0."""
     if any(v is None for v in values):
         return None, None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
 def per_client_comm(summary: dict) -> float:
@@ -144,7 +145,9 @@ def _count(value: float) -> str:
 
 
 def _percent(value: float | None, spread: float | None) -> str:
-    return "–" if value is None else f"{100 * value:.1f} ± {100 * spread:.1f}"
+    if value is None:
+        return "–"
+    return f"{100 * value:.1f}" + ("" if spread is None else f" ± {100 * spread:.1f}")
 
 
 def _size(value: float) -> str:
@@ -174,7 +177,7 @@ def markdown_table(rows: list[dict], runs: list[dict]) -> str:
         lines.append(
             f"| {title(row['method'])} | {mark[row['pruning']]} "
             f"| {mark[row['pre_align']]} | {mark[row['realign']]} "
-            f"| {100 * row['accuracy']:.1f} ± {100 * row['accuracy_spread']:.1f} "
+            f"| {_percent(row['accuracy'], row['accuracy_spread'])} "
             f"| {_percent(row['accuracy_sub'], row['accuracy_sub_spread'])} "
             f"| {_count(row['trainable_params'])} | {_count(row['comm_params_per_round_per_client'])} "
             f"| {_traffic(row['comm_bytes_per_round_per_client'])} "
