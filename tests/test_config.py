@@ -136,7 +136,8 @@ def test_fedbiot_refuses_a_realignment_period_of_zero_instead_of_ignoring_it(tmp
 
 def test_a_run_refuses_the_option_kl_it_could_not_apply():
     # WikiText-2 has no answers: the weight would be silently ignored.
-    with pytest.raises(ValueError, match='the server keeps back: set align.data = "task"'):
+    with pytest.raises(ValueError, match='need labelled task examples the server keeps back: '
+                                         'set align.data = "task"'):
         load_config(None, ["align.option_weight=1.0"])
     with pytest.raises(ValueError, match="need labelled task examples"):
         load_config(None, ["align.calibrate=true"])
