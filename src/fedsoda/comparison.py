@@ -215,9 +215,10 @@ def _evaluated(metrics: list[dict]) -> dict[int, dict]:
 
 def _final_cell(values: list[float], scale: float, decimals: int, spread: bool) -> str:
     """Mean over seeds, with the sample s.d. where asked and there are several seeds."""
-    cell = f"{scale * statistics.fmean(values):.{decimals}f}"
-    if spread and len(values) > 1:
-        cell += f" ± {scale * statistics.stdev(values):.{decimals}f}"
+    mean, sd = _mean_spread(values)
+    cell = f"{scale * mean:.{decimals}f}"
+    if spread and sd is not None:
+        cell += f" ± {scale * sd:.{decimals}f}"
     return cell
 
 
