@@ -75,12 +75,13 @@ def time_table(runs: list[dict], row_of, rank) -> str:
     for row in sorted(grouped, key=rank):
         group = grouped[row]
         accs = [_evaluations(r)[-1][1] for r in group]
-        spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        # one seed has no spread: print none rather than a claim of "± 0.0"
+        spread = f" ± {100 * statistics.stdev(accs):.1f}" if len(accs) > 1 else ""
         speed = f"{flat / reach[row]:.2f}x" if flat and reach[row] else "–"
         total = statistics.fmean(r["metrics"][-1]["simulated_clock"] for r in group)
         moved = statistics.fmean(r["summary"]["comm_bytes_total"] for r in group)
         lines.append(
-            f"| {TITLES.get(row, row)} | {100 * final[row]:.1f} ± {100 * spread:.1f} "
+            f"| {TITLES.get(row, row)} | {100 * final[row]:.1f}{spread} "
             f"| {f'{reach[row]:.0f} s' if reach[row] is not None else 'not reached'} | {speed} "
             f"| {total:.0f} s | {moved / 2**20:.1f} MiB | {_depth_peaks(group)} "
             f"| {','.join(str(r['summary']['seed']) for r in group)} |")
