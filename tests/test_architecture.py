@@ -44,8 +44,9 @@ ALLOWED: dict[str, set[str]] = {
     "federated": BELOW_METHODS | {"methods"},
     # planner imports federated for RunConfig's defaults
     "planner": {"models", "surgery", "methods", "federated", "wire", "wire_settings"},
-    "clock_report": {"methods"},
-    "comparison": {"methods", "clock_report"},
+    "spread": set(),
+    "clock_report": {"methods", "spread"},
+    "comparison": {"methods", "clock_report", "spread"},
     "benchmark": {"models", "data", "surgery", "activation_cache", "training", "accounting"},
     "commands": BELOW_METHODS | {"methods", "federated", "planner", "comparison", "benchmark"},
     "cli": {"models", "data", "surgery", "align", "methods", "federated", "commands",

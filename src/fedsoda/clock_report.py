@@ -15,6 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from fedsoda.methods import TITLES
+from fedsoda.spread import mean_spread, percent
 
 
 def clocked(runs: list[dict]) -> list[dict]:
@@ -74,14 +75,12 @@ def time_table(runs: list[dict], row_of, rank) -> str:
              "| LoRA moved | peak by depth | Seeds |", "|---|---|---|---|---|---|---|---|"]
     for row in sorted(grouped, key=rank):
         group = grouped[row]
-        accs = [_evaluations(r)[-1][1] for r in group]
-        # one seed has no spread: print none rather than a claim of "± 0.0"
-        spread = f" ± {100 * statistics.stdev(accs):.1f}" if len(accs) > 1 else ""
+        accuracy = percent(*mean_spread([_evaluations(r)[-1][1] for r in group]))
         speed = f"{flat / reach[row]:.2f}x" if flat and reach[row] else "–"
         total = statistics.fmean(r["metrics"][-1]["simulated_clock"] for r in group)
         moved = statistics.fmean(r["summary"]["comm_bytes_total"] for r in group)
         lines.append(
-            f"| {TITLES.get(row, row)} | {100 * final[row]:.1f}{spread} "
+            f"| {TITLES.get(row, row)} | {accuracy} "
             f"| {f'{reach[row]:.0f} s' if reach[row] is not None else 'not reached'} | {speed} "
             f"| {total:.0f} s | {moved / 2**20:.1f} MiB | {_depth_peaks(group)} "
             f"| {','.join(str(r['summary']['seed']) for r in group)} |")

@@ -14,6 +14,7 @@ from pathlib import Path
 from fedsoda.clock_report import plot_accuracy_time, time_table
 from fedsoda.methods import ORDER, RECIPES, TITLES
 from fedsoda.methods.hier_settings import VARIANTS, variant
+from fedsoda.spread import mean_spread, percent
 
 # FedPruner+ is FedPruner's block granularity, a row of its own; HierFedLoRA's baselines and
 # ablations are settings of it, each a row after it.
@@ -93,15 +94,6 @@ def read_run(folder: Path | str) -> dict:
             "metrics": metrics}
 
 
-def _mean_spread(values: list[float | None]) -> tuple[float | None, float | None]:
-    """Mean and sample spread; ``(None, None)`` for a figure a method does not have (FedRA's
-    clients hold a different random sub-model each round, so it has no sub-model accuracy).
-    One seed has no spread (None), not a spread of 0."""
-    if any(v is None for v in values):
-        return None, None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
-
-
 def per_client_comm(summary: dict) -> float:
     """Parameters one client sends and receives in a mean round (the paper's per-round count)."""
     return summary["comm_params_per_round"] / summary["clients_per_round"]
@@ -120,8 +112,8 @@ def table_rows(runs: list[dict]) -> list[dict]:
     rows = []
     for method in sorted(by_method, key=paper_rank):
         group = by_method[method]
-        accuracy = _mean_spread([s["accuracy"] for s in group])
-        sub = _mean_spread([s["accuracy_sub"] for s in group])
+        accuracy = mean_spread([s["accuracy"] for s in group])
+        sub = mean_spread([s["accuracy_sub"] for s in group])
         first = group[0]
         rows.append({
             "method": method, "seeds": sorted(s.get("seed", 0) for s in group),
@@ -142,12 +134,6 @@ def table_rows(runs: list[dict]) -> list[dict]:
 
 def _count(value: float) -> str:
     return f"{value / 1e6:.2f}M" if value >= 1e6 else f"{value / 1e3:.1f}K"
-
-
-def _percent(value: float | None, spread: float | None) -> str:
-    if value is None:
-        return "–"
-    return f"{100 * value:.1f}" + ("" if spread is None else f" ± {100 * spread:.1f}")
 
 
 def _size(value: float) -> str:
@@ -177,8 +163,8 @@ def markdown_table(rows: list[dict], runs: list[dict]) -> str:
         lines.append(
             f"| {title(row['method'])} | {mark[row['pruning']]} "
             f"| {mark[row['pre_align']]} | {mark[row['realign']]} "
-            f"| {_percent(row['accuracy'], row['accuracy_spread'])} "
-            f"| {_percent(row['accuracy_sub'], row['accuracy_sub_spread'])} "
+            f"| {percent(row['accuracy'], row['accuracy_spread'])} "
+            f"| {percent(row['accuracy_sub'], row['accuracy_sub_spread'])} "
             f"| {_count(row['trainable_params'])} | {_count(row['comm_params_per_round_per_client'])} "
             f"| {_traffic(row['comm_bytes_per_round_per_client'])} "
             f"| {_size(row['client_model_bytes'])} | {_size(row['client_peak_memory_bytes'])} "
@@ -215,7 +201,7 @@ def _evaluated(metrics: list[dict]) -> dict[int, dict]:
 
 def _final_cell(values: list[float], scale: float, decimals: int, spread: bool) -> str:
     """Mean over seeds, with the sample s.d. where asked and there are several seeds."""
-    mean, sd = _mean_spread(values)
+    mean, sd = mean_spread(values)
     cell = f"{scale * mean:.{decimals}f}"
     if spread and sd is not None:
         cell += f" ± {scale * sd:.{decimals}f}"
