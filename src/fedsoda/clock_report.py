@@ -61,9 +61,9 @@ def time_table(runs: list[dict], row_of, rank) -> str:
     grouped = _by_row(clocked(runs), row_of)
     if not grouped:
         return ""
-    final = {row: statistics.fmean(_evaluations(r)[-1][1] for r in group)
+    final = {row: mean_spread([_evaluations(r)[-1][1] for r in group])
              for row, group in grouped.items()}
-    target = min(final.values())
+    target = min(mean for mean, _ in final.values())
     reach = {}
     for row, group in grouped.items():
         times = [time_to(r, target) for r in group]
@@ -75,12 +75,11 @@ def time_table(runs: list[dict], row_of, rank) -> str:
              "| LoRA moved | peak by depth | Seeds |", "|---|---|---|---|---|---|---|---|"]
     for row in sorted(grouped, key=rank):
         group = grouped[row]
-        accuracy = percent(*mean_spread([_evaluations(r)[-1][1] for r in group]))
         speed = f"{flat / reach[row]:.2f}x" if flat and reach[row] else "–"
         total = statistics.fmean(r["metrics"][-1]["simulated_clock"] for r in group)
         moved = statistics.fmean(r["summary"]["comm_bytes_total"] for r in group)
         lines.append(
-            f"| {TITLES.get(row, row)} | {accuracy} "
+            f"| {TITLES.get(row, row)} | {percent(*final[row])} "
             f"| {f'{reach[row]:.0f} s' if reach[row] is not None else 'not reached'} | {speed} "
             f"| {total:.0f} s | {moved / 2**20:.1f} MiB | {_depth_peaks(group)} "
             f"| {','.join(str(r['summary']['seed']) for r in group)} |")

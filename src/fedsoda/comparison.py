@@ -14,7 +14,7 @@ from pathlib import Path
 from fedsoda.clock_report import plot_accuracy_time, time_table
 from fedsoda.methods import ORDER, RECIPES, TITLES
 from fedsoda.methods.hier_settings import VARIANTS, variant
-from fedsoda.spread import mean_spread, percent
+from fedsoda.spread import cell, mean_spread, percent
 
 # FedPruner+ is FedPruner's block granularity, a row of its own; HierFedLoRA's baselines and
 # ablations are settings of it, each a row after it.
@@ -202,10 +202,7 @@ def _evaluated(metrics: list[dict]) -> dict[int, dict]:
 def _final_cell(values: list[float], scale: float, decimals: int, spread: bool) -> str:
     """Mean over seeds, with the sample s.d. where asked and there are several seeds."""
     mean, sd = mean_spread(values)
-    cell = f"{scale * mean:.{decimals}f}"
-    if spread and sd is not None:
-        cell += f" ± {scale * sd:.{decimals}f}"
-    return cell
+    return cell(mean, sd if spread else None, scale, decimals)
 
 
 def rounds_table(runs: list[dict]) -> str:

@@ -15,8 +15,14 @@ def mean_spread(values: list[float | None]) -> tuple[float | None, float | None]
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
-def percent(value: float | None, spread: float | None) -> str:
-    """A fraction as a percentage with its spread, "–" where there is no figure."""
+def cell(value: float | None, spread: float | None, scale: float = 1, decimals: int = 3) -> str:
+    """A figure with its spread, both scaled and rounded alike; "–" where there is no figure."""
     if value is None:
         return "–"
-    return f"{100 * value:.1f}" + ("" if spread is None else f" ± {100 * spread:.1f}")
+    shown = f"{scale * value:.{decimals}f}"
+    return shown if spread is None else f"{shown} ± {scale * spread:.{decimals}f}"
+
+
+def percent(value: float | None, spread: float | None) -> str:
+    """A fraction as a percentage with its spread, "–" where there is no figure."""
+    return cell(value, spread, scale=100, decimals=1)
