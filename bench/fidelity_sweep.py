@@ -31,7 +31,6 @@ import copy
 import dataclasses
 import json
 import random
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -45,6 +44,7 @@ from fedsoda.fidelity import gradient_fidelity, option_token_ids, probe_batches,
 from fedsoda.methods import RECIPES
 from fedsoda.methods.client_model import recipe_plan
 from fedsoda.models import load
+from fedsoda.spread import cell, mean_spread
 from fedsoda.surgery.build import make_sub_llm
 from fedsoda.surgery.lora import LoraSpec, load_lora_state, to_full
 from fedsoda.surgery.plan import PruneSettings
@@ -261,21 +261,21 @@ def spread_table(paths: list[str]) -> str:
              "cosine, initial | ranking cosine, trained | accuracy | best-threshold | AUC |",
              "|---|---|---|---|---|---|"]
 
-    def cell(values: list[float], scale: float, digits: int) -> str:
-        sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{scale * statistics.fmean(values):.{digits}f} ± {scale * sd:.{digits}f}"
+    def seeds_cell(values: list[float], scale: float, digits: int) -> str:
+        mean, sd = mean_spread(values)
+        return cell(mean, 0.0 if sd is None else sd, scale, digits)  # one seed shows ± 0
 
     for name in names:
         runs = [results[name] for results in seeds.values()]
         scores = runs if name == "zero_shot" else [run["scores"] for run in runs]
         ranking = [[(run.get(when) or {}).get("ranking", {}).get("cosine") for run in runs]
                    for when in ("fidelity_initial", "fidelity_trained")]
-        cosines = [cell(v, 1, 2) if None not in v else ("1" if name.startswith("oracle") else "")
+        cosines = [seeds_cell(v, 1, 2) if None not in v else ("1" if name.startswith("oracle") else "")
                    for v in ranking]
         lines.append(f"| {name} | {' | '.join(cosines)} | "
-                     f"{cell([s['accuracy'] for s in scores], 100, 1)} | "
-                     f"{cell([s['best_threshold_accuracy'] for s in scores], 100, 1)} | "
-                     f"{cell([s['auc'] for s in scores], 1, 3)} |")
+                     f"{seeds_cell([s['accuracy'] for s in scores], 100, 1)} | "
+                     f"{seeds_cell([s['best_threshold_accuracy'] for s in scores], 100, 1)} | "
+                     f"{seeds_cell([s['auc'] for s in scores], 1, 3)} |")
     return "\n".join(lines) + "\n"
 
 
